@@ -1,0 +1,72 @@
+"""Every guest-physical address, I/O port and IRQ number vmm uses, in one place.
+
+Read this file to know what the guest sees. Nothing else in vmm spells out a
+guest address or port number: builders and devices import them from here.
+"""
+
+from __future__ import annotations
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# --- Memory map -----------------------------------------------------------------
+# Real-mode world: the zero page and friends live in the low 640 KiB, which the
+# PC reserves from the EBDA (0x9fc00) up to 1 MiB for the BIOS and VGA.
+ZERO_PAGE = 0x7000  # struct boot_params (Linux boot protocol "zero page")
+CMDLINE = 0x20000  # kernel command line, NUL terminated
+CMDLINE_MAX = 0x10000  # room we reserve for it (the kernel states its own limit)
+BOOT_GDT = 0x500  # GDT used for the first instruction
+BOOT_IDT = 0x520  # an empty IDT: any exception before Linux sets its own is fatal
+PML4 = 0x9000  # identity-mapped page tables, 2 MiB pages
+PDPTE = 0xA000
+PDE = 0xB000  # 4 pages of page directories: identity map of the first 4 GiB
+PDE_PAGES = 4
+BOOT_STACK = 0x8FF0  # initial RSP for the 64-bit boot protocol
+PVH_START_INFO = 0x6000  # struct hvm_start_info for the PVH entry
+PVH_MEMMAP = 0x6100  # hvm_memmap_table_entry array that start info points at
+MPTABLE = 0x9FC00  # MP floating pointer + table, in the EBDA where Linux scans
+EBDA_START = 0x9FC00
+BIOS_START = 0xA0000  # 640 KiB: VGA + BIOS area, reserved in e820
+HIGH_MEMORY = 0x100000  # 1 MiB: where protected-mode kernels are loaded
+KERNEL_LOAD = 0x1000000  # 16 MiB: default bzImage/vmlinux load address
+
+# The 32-bit MMIO gap below 4 GiB: RAM that would overlap it moves above 4 GiB.
+MMIO_GAP_START = 0xC000_0000  # 3 GiB
+MMIO_GAP_END = 0x1_0000_0000  # 4 GiB
+# KVM needs 3 pages of guest-physical space for the TSS and one for the
+# identity map page table used by real-mode emulation; both in the gap.
+KVM_TSS_ADDRESS = 0xFFFB_D000
+KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+LAPIC_BASE = 0xFEE0_0000
+IOAPIC_BASE = 0xFEC0_0000
+
+# virtio-mmio devices: one 4 KiB window each, from the bottom of the gap.
+VIRTIO_MMIO_BASE = 0xD000_0000
+VIRTIO_MMIO_SIZE = 0x1000
+VIRTIO_MMIO_IRQ_BASE = 5  # IRQ 5, 6, 7, ... one per device, in order
+VIRTIO_MMIO_MAX_DEVICES = 8
+
+# --- Firmware (our own assembly payloads) ----------------------------------------
+# Like a PC's BIOS ROM: the image ends at 1 MiB and the vCPU starts at the reset
+# vector CS=F000 IP=FFF0 (physical 0xFFFF0) in 16-bit real mode.
+FIRMWARE_END = 0x100000
+FIRMWARE_MAX_SIZE = 64 * KiB
+RESET_CS_SELECTOR = 0xF000
+RESET_CS_BASE = 0xF0000
+RESET_IP = 0xFFF0
+
+# --- I/O ports --------------------------------------------------------------------
+I8042_DATA_PORT = 0x60
+I8042_COMMAND_PORT = 0x64
+RTC_PORT = 0x70  # index at 0x70, data at 0x71
+POST_PORT = 0x80  # BIOS POST codes: written often, meaningless to us
+COM1_PORT = 0x3F8  # the 16550A console (8 registers)
+COM1_IRQ = 4
+EXIT_PORT = 0x501  # a byte written here ends the VM; vmm exits with that status
+BENCH_PORT = 0x502  # writes discarded in the C loop; reads answer a constant
+BOOT_TIMER_PORT = 0x503  # the guest says "I reached init" / "I am done"
+
+# --- Guest RAM limits ---------------------------------------------------------------
+DEFAULT_MEM = 512 * MiB
+MIN_MEM_FIRMWARE = 1 * MiB

@@ -1,0 +1,123 @@
+"""Vcpu: a KVM vCPU file descriptor and its shared ``kvm_run`` page.
+
+One method per vCPU ioctl. Register state goes in and out as cffi structs
+(``struct kvm_regs``, ``struct kvm_sregs``, ...) whose layout the compiler took
+from <linux/kvm.h>.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from typing import TYPE_CHECKING, Any
+
+from vmm.kvm.ioctl import ffi, ioctl, lib
+
+if TYPE_CHECKING:
+    from vmm.kvm.vm import Vm
+
+
+class Vcpu:
+    def __init__(self, vm: "Vm", vcpu_id: int, fd: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.fd = fd
+        size = vm.kvm.get_vcpu_mmap_size()
+        # The kvm_run page(s): KVM writes each exit's details here.
+        self._run_map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct: Any = ffi.cast("struct kvm_run *", ffi.from_buffer(self._run_map))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.run_struct = None
+            self._run_map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    # --- one method per ioctl ---------------------------------------------------
+    def run(self) -> None:
+        """KVM_RUN: enter the guest until the next exit (GIL released meanwhile)."""
+        ioctl(self.fd, "KVM_RUN")
+
+    def get_regs(self) -> Any:
+        regs = ffi.new("struct kvm_regs *")
+        ioctl(self.fd, "KVM_GET_REGS", regs)
+        return regs
+
+    def set_regs(self, regs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_REGS", regs)
+
+    def get_sregs(self) -> Any:
+        sregs = ffi.new("struct kvm_sregs *")
+        ioctl(self.fd, "KVM_GET_SREGS", sregs)
+        return sregs
+
+    def set_sregs(self, sregs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_SREGS", sregs)
+
+    def get_fpu(self) -> Any:
+        fpu = ffi.new("struct kvm_fpu *")
+        ioctl(self.fd, "KVM_GET_FPU", fpu)
+        return fpu
+
+    def set_fpu(self, fpu: Any) -> None:
+        ioctl(self.fd, "KVM_SET_FPU", fpu)
+
+    def set_cpuid2(self, entries: list[tuple[int, int, int, int, int, int, int]]) -> None:
+        """KVM_SET_CPUID2 from (function, index, flags, eax, ebx, ecx, edx) tuples."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        for slot, (function, index, flags, eax, ebx, ecx, edx) in zip(cpuid.entries, entries):
+            slot.function, slot.index, slot.flags = function, index, flags
+            slot.eax, slot.ebx, slot.ecx, slot.edx = eax, ebx, ecx, edx
+        ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
+
+    def get_msrs(self, indices: list[int]) -> dict[int, int]:
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for entry, index in zip(msrs.entries, indices):
+            entry.index = index
+        count = ioctl(self.fd, "KVM_GET_MSRS", msrs)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(count)}
+
+    def set_msrs(self, values: dict[int, int]) -> int:
+        """KVM_SET_MSRS; returns how many were set (KVM stops at the first it refuses)."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(values), "entries": len(values)})
+        for entry, (index, data) in zip(msrs.entries, values.items()):
+            entry.index, entry.data = index, data
+        return ioctl(self.fd, "KVM_SET_MSRS", msrs)
+
+    def get_vcpu_events(self) -> Any:
+        events = ffi.new("struct kvm_vcpu_events *")
+        ioctl(self.fd, "KVM_GET_VCPU_EVENTS", events)
+        return events
+
+    def set_vcpu_events(self, events: Any) -> None:
+        ioctl(self.fd, "KVM_SET_VCPU_EVENTS", events)
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        ioctl(self.fd, "KVM_GET_MP_STATE", state)
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}))
+
+    def get_lapic(self) -> Any:
+        lapic = ffi.new("struct kvm_lapic_state *")
+        ioctl(self.fd, "KVM_GET_LAPIC", lapic)
+        return lapic
+
+    def set_lapic(self, lapic: Any) -> None:
+        ioctl(self.fd, "KVM_SET_LAPIC", lapic)
+
+    # --- helpers on the kvm_run page --------------------------------------------
+    def request_immediate_exit(self) -> None:
+        """Make the current or next KVM_RUN return EINTR at once (KVM_CAP_IMMEDIATE_EXIT)."""
+        if self.run_struct is not None:
+            self.run_struct.immediate_exit = 1
+
+    def clear_immediate_exit(self) -> None:
+        if self.run_struct is not None:
+            self.run_struct.immediate_exit = 0
+
+
+__all__ = ["Vcpu", "lib"]
