@@ -1,0 +1,142 @@
+"""Find or build vmm's guest Linux kernel (``guest-kernel/``).
+
+The kernel is Debian's ``linux-source-6.1`` + ``guest-kernel/patches/*.patch`` +
+the config fragment ``guest-kernel/config`` on top of ``make tinyconfig``.
+``guest-kernel/build.sh`` does all the work and caches the result under::
+
+    ${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/vmm}/kernel/<key>/
+        bzImage  vmlinux  System.map  config  version
+
+where ``<key>`` hashes the source package version, the fragment, the patches and
+build.sh itself.  This module only drives build.sh: ``cached_kernel()`` asks it
+for the key (``build.sh --print-key``, no build) and ``build_kernel()`` runs it.
+A full build takes ~5 minutes on 2 cores; a cached kernel is found in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from vmm.errors import GuestBuildError
+
+#: The package that ships ``guest-kernel/`` when vmm is installed (setuptools
+#: package data); in a source checkout we use the folder itself.
+SOURCE_PACKAGE = "vmm.guest_kernel"
+BUILD_SCRIPT = "build.sh"
+
+#: Files build.sh puts in every output directory.
+ARTIFACTS = ("bzImage", "vmlinux", "System.map", "config", "version")
+
+
+@dataclass(frozen=True)
+class KernelArtifacts:
+    """One built guest kernel in the cache."""
+
+    directory: Path
+    bzimage: Path  # compressed (LZ4) bzImage: 64-bit boot protocol
+    vmlinux: Path  # uncompressed ELF with symbols and the PVH entry note
+    system_map: Path  # symbols for the RIP-sampling profiler
+    config: Path  # the final .config
+    release: str  # `uname -r` of the guest, e.g. "6.1.192"
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> KernelArtifacts:
+        directory = Path(directory)
+        return cls(
+            directory=directory,
+            bzimage=directory / "bzImage",
+            vmlinux=directory / "vmlinux",
+            system_map=directory / "System.map",
+            config=directory / "config",
+            release=(directory / "version").read_text().strip(),
+        )
+
+
+def guest_kernel_dir() -> Path:
+    """The folder holding build.sh, the config fragment and the patches."""
+    try:
+        from importlib.resources import files
+
+        traversable = files(SOURCE_PACKAGE)
+    except (ImportError, TypeError, ValueError):
+        traversable = None
+    if isinstance(traversable, Path) and (traversable / BUILD_SCRIPT).is_file():
+        return traversable
+    return Path(__file__).resolve().parents[2] / "guest-kernel"
+
+
+def _script() -> Path:
+    script = guest_kernel_dir() / BUILD_SCRIPT
+    if not script.is_file():
+        raise GuestBuildError(f"guest kernel build script not found: {script}")
+    return script
+
+
+def _complete(directory: Path) -> bool:
+    return all((directory / name).is_file() and (directory / name).stat().st_size > 0 for name in ARTIFACTS)
+
+
+def kernel_key() -> tuple[str, Path]:
+    """(cache key, output directory) of the kernel the current sources describe. No build."""
+    try:
+        result = subprocess.run(
+            ["bash", str(_script()), "--print-key"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError as exc:
+        raise GuestBuildError(f"cannot run guest kernel build script: {exc}") from exc
+    lines = result.stdout.splitlines()
+    if result.returncode != 0 or len(lines) < 2:
+        detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise GuestBuildError(f"build.sh --print-key failed (exit {result.returncode}): {detail}")
+    return lines[0].strip(), Path(lines[1].strip())
+
+
+def cached_kernel() -> KernelArtifacts | None:
+    """The already-built kernel for the current sources, or None. Cheap: never builds."""
+    _key, directory = kernel_key()
+    if not _complete(directory):
+        return None
+    return KernelArtifacts.from_directory(directory)
+
+
+def build_kernel(progress: Callable[[str], None] | None = None) -> KernelArtifacts:
+    """Build the guest kernel if needed (minutes) and return it.
+
+    build.sh's output lines (stdout and stderr, ``[kernel] ...``) go to
+    ``progress`` as they come.  Raises GuestBuildError if the build fails.
+    """
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    try:
+        proc = subprocess.Popen(
+            ["bash", str(_script())],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+    except OSError as exc:
+        raise GuestBuildError(f"cannot run guest kernel build script: {exc}") from exc
+    assert proc.stdout is not None
+    with proc:
+        for raw in proc.stdout:
+            line = raw.rstrip("\n")
+            tail.append(line)
+            if progress is not None:
+                progress(line)
+    if proc.returncode != 0:
+        errors = [line for line in tail if "error" in line.lower()]
+        detail = (errors or list(tail) or ["no output"])[-1]
+        raise GuestBuildError(f"guest kernel build failed (exit {proc.returncode}): {detail}")
+    directory = Path(tail[-1].strip()) if tail else Path()
+    if not tail or not _complete(directory):
+        raise GuestBuildError(f"guest kernel build produced no complete output directory (last line: {tail[-1] if tail else ''!r})")
+    return KernelArtifacts.from_directory(directory)
