@@ -1,0 +1,90 @@
+"""A VM's configuration: frozen dataclasses, validated, no I/O.
+
+The CLI turns options into a :class:`VmConfig`; the builder turns a VmConfig
+into a running VM. Validation that needs no files or KVM lives here, so bad
+input is refused before anything is opened.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from vmm.arch.x86_64.layout import GiB, KiB, MiB
+from vmm.errors import UsageError
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": MiB, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
+
+MAX_MEM = 64 * GiB  # far beyond what a test VM needs; guards typos like 512G
+MIN_MEM = 1 * MiB
+
+
+def parse_size(text: str, option: str = "--mem") -> int:
+    """'512M', '1G', '64K', '2GiB'; a bare number means MiB (as QEMU's -m)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UsageError(f"{option} {text!r}: not a size (examples: 512M, 1G, 2048)")
+    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
+    if size < MIN_MEM:
+        raise UsageError(f"{option} {text!r}: too small, at least 1M")
+    if size > MAX_MEM:
+        raise UsageError(f"{option} {text!r}: too large, at most {MAX_MEM // GiB}G")
+    if size % (4 * KiB):
+        raise UsageError(f"{option} {text!r}: must be a multiple of 4K")
+    return size
+
+
+@dataclass(frozen=True)
+class DiskConfig:
+    path: str
+    read_only: bool = False
+    serial: str = ""
+
+    @staticmethod
+    def parse(text: str) -> "DiskConfig":
+        """PATH[,ro][,serial=ID]"""
+        path, *options = text.split(",")
+        if not path:
+            raise UsageError(f"--disk {text!r}: no path")
+        read_only, serial = False, ""
+        for option in options:
+            if option in ("ro", "readonly"):
+                read_only = True
+            elif option == "rw":
+                read_only = False
+            elif option.startswith("serial="):
+                serial = option.removeprefix("serial=")
+                if len(serial.encode()) > 20:
+                    raise UsageError(f"--disk {text!r}: serial longer than 20 bytes")
+            else:
+                raise UsageError(f"--disk {text!r}: unknown option {option!r} (ro, serial=ID)")
+        return DiskConfig(path, read_only, serial)
+
+
+@dataclass(frozen=True)
+class VmConfig:
+    mem: int = 512 * MiB
+    cpus: int = 1
+    firmware: str | None = None  # a built-in payload name or a raw binary's path
+    kernel: str | None = None  # bzImage or vmlinux; None: our guest kernel
+    initrd: str | None = None  # path, "none", or None: our default initramfs
+    cmdline: str = ""  # extra kernel command-line arguments
+    command: tuple[str, ...] = ()  # run in the guest by our /init
+    disks: tuple[DiskConfig, ...] = field(default_factory=tuple)
+    runloop: str = "c"
+    trace: bool = False
+    stats: bool = False
+    timeout: float | None = None
+    console_log: bool = False  # show the kernel's log, not only the command's output
+    interactive: bool = False  # stdin is a terminal: raw mode, Ctrl-A x to quit
+
+    def __post_init__(self) -> None:
+        if self.cpus < 1:
+            raise UsageError(f"--cpus {self.cpus}: at least 1")
+        if self.runloop not in ("c", "python"):
+            raise UsageError(f"--runloop {self.runloop!r}: 'c' or 'python'")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"--timeout {self.timeout}: must be positive")
+        if self.firmware is not None and (self.kernel or self.command or self.disks):
+            raise UsageError("--firmware runs a bare payload: no --kernel, --disk or command")

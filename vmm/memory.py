@@ -1,0 +1,169 @@
+"""Guest memory: mmap-backed RAM regions, reached only through one checked object.
+
+The guest sees *guest-physical* addresses; vmm backs each RAM region with an
+anonymous mmap and tells KVM where it lives. Nothing else in vmm touches those
+mmaps: loaders, boot structures and devices call :class:`GuestMemory`, which
+checks that every access lies wholly inside one region and names the address
+when it does not. Everything the guest writes is hostile input, and an address
+it gives us is the first thing to check.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+from vmm.errors import GuestMemoryError
+
+_U64_LIMIT = 1 << 64
+# Python's mmap module gained MAP_NORESERVE only in 3.13; 0x4000 is Linux's value.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+
+class GuestAddress(int):
+    """A guest-physical address: an int that refuses to leave [0, 2**64).
+
+    Arithmetic that would overflow or go negative raises GuestMemoryError
+    instead of silently wrapping, the classic bug of address maths on guest
+    input (``addr + len`` wrapping past 2**64 to a small, valid address).
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, value: int) -> "GuestAddress":
+        if not 0 <= value < _U64_LIMIT:
+            raise GuestMemoryError(f"guest address {value:#x} is outside the 64-bit space")
+        return super().__new__(cls, value)
+
+    def __add__(self, offset: int) -> "GuestAddress":
+        return GuestAddress(int(self) + int(offset))
+
+    def __sub__(self, offset: int) -> "GuestAddress":
+        return GuestAddress(int(self) - int(offset))
+
+    def __repr__(self) -> str:
+        return f"GuestAddress({int(self):#x})"
+
+
+@dataclass
+class MemoryRegion:
+    """One contiguous range of guest RAM and the host mapping behind it."""
+
+    start: int
+    size: int
+    _map: mmap.mmap
+    host_address: int  # where KVM should look: the mmap's address in our process
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+    def contains(self, address: int, length: int) -> bool:
+        return self.start <= address and address + length <= self.end
+
+
+class GuestMemory:
+    """All of a VM's RAM: bounds-checked reads and writes by guest address."""
+
+    def __init__(self, ranges: list[tuple[int, int]]) -> None:
+        """Map one anonymous region per (start, size); ranges must not overlap."""
+        from vmm.kvm.ioctl import ffi  # the mmap's host address, for KVM
+
+        self.regions: list[MemoryRegion] = []
+        for start, size in sorted(ranges):
+            if size <= 0 or size % mmap.PAGESIZE or start % mmap.PAGESIZE:
+                raise GuestMemoryError(f"memory region {start:#x}+{size:#x} is not page aligned")
+            if self.regions and start < self.regions[-1].end:
+                raise GuestMemoryError(f"memory region at {start:#x} overlaps the one before")
+            # MAP_NORESERVE: pages cost nothing until the guest touches them.
+            backing = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+            host = int(ffi.cast("uintptr_t", ffi.from_buffer(backing)))
+            self.regions.append(MemoryRegion(start, size, backing, host))
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def close(self) -> None:
+        for region in self.regions:
+            region._map.close()
+        self.regions = []
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self.regions)
+
+    # --- the one place where guest addresses become host memory -----------------
+    def _locate(self, address: int, length: int) -> tuple[mmap.mmap, int]:
+        if length < 0:
+            raise GuestMemoryError(f"negative length {length} at guest address {address:#x}")
+        for region in self.regions:
+            if region.contains(address, length):
+                return region._map, address - region.start
+        raise GuestMemoryError(
+            f"guest address {address:#x}+{length:#x} is outside guest RAM"
+        )
+
+    def is_valid(self, address: int, length: int) -> bool:
+        return any(r.contains(address, length) for r in self.regions)
+
+    def read(self, address: int, length: int) -> bytes:
+        backing, offset = self._locate(address, length)
+        return backing[offset : offset + length]
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        backing, offset = self._locate(address, len(data))
+        backing[offset : offset + len(data)] = data
+
+    def fill(self, address: int, length: int, byte: int = 0) -> None:
+        self.write(address, bytes([byte]) * length)
+
+    def view(self, address: int, length: int) -> memoryview:
+        """A writable view of guest RAM for zero-copy I/O (preadv into guest pages).
+
+        The view is bounds-checked once, here; callers must not keep it past
+        the VM's life.
+        """
+        backing, offset = self._locate(address, length)
+        return memoryview(backing)[offset : offset + length]
+
+    # Fixed-size little-endian integers: what boot structures and virtqueues use.
+    def read_u8(self, address: int) -> int:
+        return self.read(address, 1)[0]
+
+    def read_u16(self, address: int) -> int:
+        return int.from_bytes(self.read(address, 2), "little")
+
+    def read_u32(self, address: int) -> int:
+        return int.from_bytes(self.read(address, 4), "little")
+
+    def read_u64(self, address: int) -> int:
+        return int.from_bytes(self.read(address, 8), "little")
+
+    def write_u8(self, address: int, value: int) -> None:
+        self.write(address, struct.pack("<B", value))
+
+    def write_u16(self, address: int, value: int) -> None:
+        self.write(address, struct.pack("<H", value))
+
+    def write_u32(self, address: int, value: int) -> None:
+        self.write(address, struct.pack("<I", value))
+
+    def write_u64(self, address: int, value: int) -> None:
+        self.write(address, struct.pack("<Q", value))
+
+    def resident_bytes(self) -> int:
+        """How much of guest RAM the host has really backed (pages the guest touched)."""
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        total = 0
+        page = mmap.PAGESIZE
+        for region in self.regions:
+            pages = region.size // page
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(ctypes.c_void_p(region.host_address), ctypes.c_size_t(region.size), vec) != 0:
+                continue
+            total += sum(1 for v in vec if v & 1) * page
+        return total

@@ -1,0 +1,352 @@
+"""Run a built VM: one host thread per vCPU, exits dispatched, a clean stop.
+
+Two run loops do the same job:
+
+* ``python``: ``KVM_RUN`` through the ioctl wrapper, then decode and dispatch
+  every exit here. Read this one first.
+* ``c`` (default): ``vmm_run_loop`` in vmm/kvm/runloop.c enters the guest with
+  the GIL released and completes by itself the exits devices offered it as
+  port rules (POST codes, benchmark port, console bytes); it returns here only
+  for the rest.
+
+Stopping: whoever ends the VM (a device, a timeout, Ctrl-C) calls
+:meth:`Runner.stop`. It records the outcome once, sets ``immediate_exit`` on
+every vCPU and sends each vCPU thread a signal, so a KVM_RUN in progress
+returns EINTR at once and the next one does not start.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, TextIO
+
+from vmm.devices.bus import Bus
+from vmm.errors import KvmError, VmmError
+from vmm.kvm import exits as kvm_exits
+from vmm.kvm.exits import (
+    FailEntryExit, HltExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
+    SystemEventExit, VcpuExit,
+)
+from vmm.kvm.ioctl import ffi, lib
+from vmm.kvm.vcpu import Vcpu
+from vmm.stats import ExitStats
+
+# vmm's own exit statuses (the guest's status passes through as 0-255).
+# Docker-like: 125 is the tool's own failure, 124 a timeout as in timeout(1).
+EXIT_NO_STATUS = 120  # the guest stopped (reset, power off, HLT) without reporting one
+EXIT_EMULATION_FAILURE = 121  # KVM could not emulate a guest instruction
+EXIT_TRIPLE_FAULT = 122  # KVM_EXIT_SHUTDOWN: the guest's CPU reset itself
+EXIT_GUEST_PANIC = 123  # the guest kernel panicked
+EXIT_TIMEOUT = 124  # --timeout expired
+EXIT_VMM_ERROR = 125  # vmm itself failed (bad input, KVM error)
+
+# The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing:
+# the point is only that the ioctl returns EINTR.
+KICK_SIGNAL = signal.SIGUSR1
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: int  # what `vmm run` exits with
+    reason: str  # "guest exit", "timeout", "triple fault", ...
+    detail: str = ""
+
+
+class ExitQuirks(Protocol):
+    """Host-specific handling of exits (see vmm/arch/x86_64/pvm.py)."""
+
+    def handle_internal_error(self, vcpu: Vcpu, exit: InternalErrorExit) -> bool: ...
+
+    def describe_failure(self, vcpu: Vcpu, exit: InternalErrorExit) -> str: ...
+
+
+class Runner:
+    def __init__(
+        self,
+        vcpus: list[Vcpu],
+        pio: Bus,
+        mmio: Bus,
+        *,
+        runloop: str = "c",
+        trace: TextIO | None = None,
+        quirks: ExitQuirks | None = None,
+        on_halt: Callable[[Vcpu], bool] | None = None,
+    ) -> None:
+        if runloop not in ("c", "python"):
+            raise VmmError(f"--runloop must be 'c' or 'python', not {runloop!r}")
+        self.vcpus = vcpus
+        self.pio = pio
+        self.mmio = mmio
+        self.runloop = runloop
+        self.trace = trace
+        self.quirks = quirks
+        self.on_halt = on_halt
+        self.stats = ExitStats()
+        self.outcome: Outcome | None = None
+        self.first_run_ns: int | None = None  # monotonic time of the first KVM_RUN
+        self.tick: Callable[[Vcpu], None] | None = None  # called on EINTR (profiler)
+        self._stop_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._errors: list[BaseException] = []
+        self._trace_count = 0
+
+    # --- stopping -------------------------------------------------------------------
+    def stop(self, status: int, reason: str, detail: str = "") -> None:
+        """End the VM with this outcome; the first caller wins."""
+        with self._stop_lock:
+            if self.outcome is None:
+                self.outcome = Outcome(status, reason, detail)
+        self._kick_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self.outcome is not None
+
+    def _kick_all(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.request_immediate_exit()
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    # --- running ----------------------------------------------------------------------
+    def run(self, timeout: float | None = None) -> Outcome:
+        """Start every vCPU thread and wait for the outcome (or the timeout)."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(KICK_SIGNAL, lambda *_: None)
+        start = time.monotonic_ns()
+        for vcpu in self.vcpus:
+            thread = threading.Thread(
+                target=self._vcpu_thread, args=(vcpu,), name=f"vcpu{vcpu.id}", daemon=True
+            )
+            self._threads.append(thread)
+            thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while any(t.is_alive() for t in self._threads):
+                if deadline is not None and time.monotonic() >= deadline:
+                    self.stop(EXIT_TIMEOUT, "timeout", f"the guest ran longer than {timeout:g} s")
+                    deadline = None
+                for thread in self._threads:
+                    thread.join(0.05)
+        finally:
+            self.stats.wall_ns = time.monotonic_ns() - (self.first_run_ns or start)
+        if self._errors:
+            raise self._errors[0]
+        return self.outcome or Outcome(EXIT_NO_STATUS, "all vCPUs stopped")
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+        try:
+            if self.runloop == "c":
+                self._run_c(vcpu)
+            else:
+                self._run_python(vcpu)
+        except BaseException as e:  # reported by run(); the VM must stop either way
+            self._errors.append(e)
+            self.stop(EXIT_VMM_ERROR, "vmm error", str(e))
+
+    def _mark_first_run(self) -> None:
+        if self.first_run_ns is None:
+            self.first_run_ns = time.monotonic_ns()
+
+    def _interrupted(self, vcpu: Vcpu) -> bool:
+        """KVM_RUN returned EINTR: stop if asked to, else carry on."""
+        if self.stopping:
+            return True
+        vcpu.clear_immediate_exit()
+        if self.tick is not None:
+            self.tick(vcpu)
+        return False
+
+    # The simple loop: every exit comes back to Python.
+    def _run_python(self, vcpu: Vcpu) -> None:
+        run = vcpu.run_struct
+        outside_since = time.perf_counter_ns()
+        while not self.stopping:
+            entered = time.perf_counter_ns()
+            self._mark_first_run()
+            try:
+                vcpu.run()
+            except KvmError as e:
+                if e.errno in (4, 11):  # EINTR, EAGAIN: a signal or immediate_exit
+                    self.stats.add_times(time.perf_counter_ns() - entered, entered - outside_since)
+                    outside_since = time.perf_counter_ns()
+                    if self._interrupted(vcpu):
+                        return
+                    continue
+                raise
+            left = time.perf_counter_ns()
+            self.stats.add_times(left - entered, entered - outside_since)
+            outside_since = left
+            if self._dispatch(vcpu, kvm_exits.decode_exit(run)):
+                return
+
+    # The fast loop: C completes what the devices' port rules allow.
+    def _run_c(self, vcpu: Vcpu) -> None:
+        loop = ffi.new("struct vmm_loop *")
+        loop.vcpu_fd = vcpu.fd
+        loop.run = vcpu.run_struct
+        sinks: dict[int, Callable[[bytes], None]] = {}
+        generation = None
+        try:
+            while not self.stopping:
+                if self.trace is None and self.pio.fast_path_generation() != generation:
+                    generation = self.pio.fast_path_generation()
+                    sinks = self._load_rules(loop)
+                self._mark_first_run()
+                result = lib.vmm_run_loop(loop)
+                self._drain_output(loop, sinks)
+                if result == lib.VMM_LOOP_OUTPUT:
+                    continue
+                if result == lib.VMM_LOOP_INTERRUPTED:
+                    if self._interrupted(vcpu):
+                        return
+                    continue
+                if result == lib.VMM_LOOP_ERROR:
+                    raise KvmError("KVM_RUN", loop.last_errno)
+                if self._dispatch(vcpu, kvm_exits.decode_exit(vcpu.run_struct)):
+                    return
+        finally:
+            self._merge_c_stats(loop)
+
+    def _load_rules(self, loop) -> dict[int, Callable[[bytes], None]]:
+        """Copy the devices' current port rules into the C table."""
+        self._merge_rule_hits(loop)
+        actions_w = {"pass": lib.VMM_WRITE_PASS, "discard": lib.VMM_WRITE_DISCARD,
+                     "buffer": lib.VMM_WRITE_BUFFER}
+        actions_r = {"pass": lib.VMM_READ_PASS, "constant": lib.VMM_READ_CONSTANT}
+        rules = self.pio.port_rules()[: lib.VMM_MAX_PORT_RULES]
+        sinks = {}
+        for slot, (port, rule) in zip(loop.rules, rules):
+            slot.port = port
+            slot.on_write = actions_w[rule.on_write]
+            slot.on_read = actions_r[rule.on_read]
+            slot.read_value = rule.read_value & 0xFFFFFFFF
+            slot.hits = 0
+            if rule.on_write == "buffer":
+                sinks[port] = rule.sink
+        loop.nrules = len(rules)
+        return sinks
+
+    def _drain_output(self, loop, sinks: dict[int, Callable[[bytes], None]]) -> None:
+        # One console port may buffer at a time (the C buffer does not say whose
+        # bytes they are); output must reach the host before any other exit is
+        # handled, so that it stays in order.
+        if loop.output_len:
+            data = bytes(ffi.buffer(loop.output, loop.output_len))
+            loop.output_len = 0
+            for sink in sinks.values():
+                sink(data)
+                break
+
+    def _merge_rule_hits(self, loop) -> None:
+        for i in range(loop.nrules):
+            rule = loop.rules[i]
+            if rule.hits:
+                # The C loop cannot tell IN from OUT per hit; rules are per port.
+                self.stats.count("io", ("fast", rule.port), rule.hits)
+                rule.hits = 0
+
+    def _merge_c_stats(self, loop) -> None:
+        self._merge_rule_hits(loop)
+        self.stats.add_times(loop.ns_in_kvm_run, loop.ns_in_c_loop, loop.exits_in_c)
+
+    # --- exit dispatch (shared by both loops) --------------------------------------------
+    def _dispatch(self, vcpu: Vcpu, exit: VcpuExit) -> bool:
+        """Handle one exit. True when this vCPU must stop."""
+        if self.trace is not None:
+            self._trace(vcpu, exit)
+        if isinstance(exit, IoExit):
+            self.stats.count("io", ("out" if exit.is_write else "in", exit.port))
+            generation = self.pio.fast_path_generation()
+            self._handle_io(vcpu, exit)
+            if self.pio.fast_path_generation() != generation and len(self.vcpus) > 1:
+                # A device changed what C may do for it: other vCPUs' C loops
+                # hold the old rules, so make them come back and reload.
+                self._kick_all()
+            return self.stopping
+        if isinstance(exit, MmioExit):
+            self.stats.count("mmio", ("write" if exit.is_write else "read", exit.address))
+            if exit.is_write:
+                self.mmio.write(exit.address, exit.data)
+            else:
+                kvm_exits.complete_mmio_read(vcpu.run_struct, self.mmio.read(exit.address, exit.size))
+            return self.stopping
+        self.stats.count(exit.reason)
+        if isinstance(exit, HltExit):
+            if self.on_halt is not None and self.on_halt(vcpu):
+                return False
+            self.stop(EXIT_NO_STATUS, "halted", "the guest executed HLT with nothing to wake it")
+            return True
+        if isinstance(exit, ShutdownExit):
+            self.stop(EXIT_TRIPLE_FAULT, "triple fault",
+                      f"KVM_EXIT_SHUTDOWN at rip {vcpu.get_regs().rip:#x}")
+            return True
+        if isinstance(exit, SystemEventExit):
+            self.stop(EXIT_NO_STATUS, "system event", f"type {exit.type}")
+            return True
+        if isinstance(exit, InternalErrorExit):
+            if self.quirks is not None and self.quirks.handle_internal_error(vcpu, exit):
+                return False
+            detail = (self.quirks.describe_failure(vcpu, exit) if self.quirks
+                      else describe_internal_error(vcpu, exit))
+            self.stop(EXIT_EMULATION_FAILURE, "emulation failure", detail)
+            return True
+        if isinstance(exit, FailEntryExit):
+            self.stop(EXIT_VMM_ERROR, "entry failed",
+                      f"hardware entry failure reason {exit.hardware_entry_failure_reason:#x}")
+            return True
+        self.stop(EXIT_VMM_ERROR, "unhandled exit", f"{exit.reason} at rip {vcpu.get_regs().rip:#x}")
+        return True
+
+    def _handle_io(self, vcpu: Vcpu, exit: IoExit) -> None:
+        if exit.is_write:
+            for i in range(exit.count):  # `rep outs` arrives as one exit of `count` items
+                self.pio.write(exit.port, exit.data[i * exit.size : (i + 1) * exit.size])
+        else:
+            value = b"".join(self.pio.read(exit.port, exit.size) for _ in range(exit.count))
+            kvm_exits.complete_io_in(vcpu.run_struct, exit, value)
+
+    def _trace(self, vcpu: Vcpu, exit: VcpuExit) -> None:
+        self._trace_count += 1
+        rip = vcpu.get_regs().rip
+        if isinstance(exit, IoExit):
+            what = (f"io {'out' if exit.is_write else 'in '} port={exit.port:#06x} "
+                    f"size={exit.size}" + (f" count={exit.count}" if exit.count > 1 else "")
+                    + (f" data={exit.data.hex()}" if exit.is_write else "")
+                    + f" ({self.pio.name_of(exit.port)})")
+        elif isinstance(exit, MmioExit):
+            what = (f"mmio {'write' if exit.is_write else 'read '} addr={exit.address:#x} "
+                    f"size={exit.size}" + (f" data={exit.data.hex()}" if exit.is_write else "")
+                    + f" ({self.mmio.name_of(exit.address)})")
+        else:
+            what = exit.reason
+        print(f"[{self._trace_count:>6}] vcpu{vcpu.id} {what} rip={rip:#x}", file=self.trace)
+
+
+def describe_internal_error(vcpu: Vcpu, exit: InternalErrorExit) -> str:
+    rip = vcpu.get_regs().rip
+    text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror} at rip {rip:#x}"
+    if exit.instruction:
+        text += f", instruction bytes {exit.instruction.hex(' ')}"
+    return text
+
+
+def install_stop_signals(runner: Runner) -> None:
+    """Ctrl-C and SIGTERM stop the guest promptly, with the shell's usual statuses."""
+
+    def handler(signum: int, _frame: object) -> None:
+        runner.stop(128 + signum, signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+__all__ = ["Runner", "Outcome", "install_stop_signals", "sys"]
