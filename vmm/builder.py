@@ -78,7 +78,7 @@ def build_firmware_vm(
     machine.pio.register(layout.COM1_PORT, 8, Serial16550(output), "serial")
     machine.pio.register(layout.EXIT_PORT, 1, DebugExit(on_exit), "debug-exit")
     machine.pio.register(layout.POST_PORT, 1, Sink(0xFF), "post")
-    machine.pio.register(layout.BENCH_PORT, 1, Sink(bench_count), "bench")
+    machine.pio.register(layout.BENCH_PORT, layout.BENCH_PORT_SIZE, Sink(bench_count), "bench")
     # 5. One vCPU at the reset vector.
     vcpu = vm.create_vcpu(0)
     # KVM checks its own CPUID table before letting the guest set EFER.LME:

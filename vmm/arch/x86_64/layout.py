@@ -64,8 +64,9 @@ POST_PORT = 0x80  # BIOS POST codes: written often, meaningless to us
 COM1_PORT = 0x3F8  # the 16550A console (8 registers)
 COM1_IRQ = 4
 EXIT_PORT = 0x501  # a byte written here ends the VM; vmm exits with that status
-BENCH_PORT = 0x502  # writes discarded in the C loop; reads answer a constant
-BOOT_TIMER_PORT = 0x503  # the guest says "I reached init" / "I am done"
+BENCH_PORT = 0x502  # 4 ports (a 32-bit IN reads the count): writes discarded, reads a constant
+BENCH_PORT_SIZE = 4
+BOOT_TIMER_PORT = 0x510  # the guest says "I reached init" / "I am done"
 
 # --- Guest RAM limits ---------------------------------------------------------------
 DEFAULT_MEM = 512 * MiB
