@@ -1,0 +1,102 @@
+"""Shared test set-up: the `kvm` and `boot` markers, and the count of KVM tests that ran.
+
+Tests marked ``kvm`` (need /dev/kvm) or ``boot`` (boot a Linux guest, so need
+/dev/kvm too) **fail** with the reason when /dev/kvm is missing or unusable:
+they never skip. A test suite that silently skips every VM test on a machine
+without KVM would be green and prove nothing.
+
+A test that asks for the ``kvm`` fixture (an open :class:`vmm.kvm.system.Kvm`)
+is marked ``kvm`` automatically.
+
+When ``VMM_KVM_TESTS_REPORT`` names a file, the number of ``kvm``/``boot`` tests
+that *passed* is written there at the end of the session (one integer and a
+newline). ``.ci/run`` reads it to prove the VM tests really ran.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+KVM_MARKERS = ("kvm", "boot")
+REPORT_ENV = "VMM_KVM_TESTS_REPORT"
+
+_kvm_nodeids: set[str] = set()
+_kvm_passed: set[str] = set()
+_kvm_problem: list[str | None] = []  # cached result of the /dev/kvm probe
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Also declared in pyproject.toml; repeated so the markers exist even when
+    # pytest runs with another rootdir/inifile.
+    config.addinivalue_line("markers", "kvm: needs /dev/kvm (fails, never skips, when it is missing)")
+    config.addinivalue_line("markers", "boot: boots a Linux guest (needs /dev/kvm; slow on PVM hosts)")
+
+
+def _needs_kvm(item: pytest.Item) -> bool:
+    return any(item.get_closest_marker(name) for name in KVM_MARKERS)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "kvm" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("kvm"):
+            item.add_marker(pytest.mark.kvm)
+        if _needs_kvm(item):
+            _kvm_nodeids.add(item.nodeid)
+
+
+def kvm_problem() -> str | None:
+    """None when /dev/kvm opens, speaks API 12 and creates a VM; else why not."""
+    if not _kvm_problem:
+        from vmm.errors import VmmError
+        from vmm.kvm.system import Kvm
+
+        try:
+            with Kvm() as kvm:
+                kvm.create_vm().close()
+            _kvm_problem.append(None)
+        except VmmError as e:
+            _kvm_problem.append(str(e))
+    return _kvm_problem[0]
+
+
+@pytest.fixture(autouse=True)
+def _require_kvm(request: pytest.FixtureRequest) -> None:
+    """Fail (never skip) a kvm/boot test when /dev/kvm cannot run a VM."""
+    if _needs_kvm(request.node):
+        problem = kvm_problem()
+        if problem is not None:
+            pytest.fail(f"this test needs a usable /dev/kvm: {problem}", pytrace=False)
+
+
+@pytest.fixture
+def kvm():
+    """An open /dev/kvm (the test is marked ``kvm``)."""
+    from vmm.kvm.system import Kvm
+
+    with Kvm() as handle:
+        yield handle
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.nodeid not in _kvm_nodeids:
+        return
+    if report.when == "call" and report.passed:
+        _kvm_passed.add(report.nodeid)
+    elif report.failed:  # a failing teardown un-counts the test
+        _kvm_passed.discard(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    target = os.environ.get(REPORT_ENV)
+    if target:
+        Path(target).write_text(f"{len(_kvm_passed)}\n")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _kvm_nodeids:
+        terminalreporter.write_line(
+            f"kvm/boot tests: {len(_kvm_passed)} of {len(_kvm_nodeids)} collected passed"
+        )

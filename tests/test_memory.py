@@ -1,0 +1,184 @@
+"""Guest memory: every access bounds-checked, addresses that cannot wrap (no KVM)."""
+
+from __future__ import annotations
+
+import mmap
+
+import pytest
+
+from vmm.errors import GuestMemoryError, VmmError
+from vmm.memory import GuestAddress, GuestMemory
+
+PAGE = mmap.PAGESIZE
+
+
+@pytest.fixture
+def mem():
+    memory = GuestMemory([(0, 4 * PAGE), (0x10000, PAGE)])
+    yield memory
+    memory.close()
+
+
+# --- GuestAddress ------------------------------------------------------------------
+def test_guest_address_is_an_int_in_the_64_bit_space():
+    assert GuestAddress(0x1000) == 0x1000
+    assert GuestAddress(0x1000) + 0x10 == 0x1010
+    assert isinstance(GuestAddress(0x1000) + 1, GuestAddress)
+    assert GuestAddress(2**64 - 1) == 2**64 - 1
+    assert repr(GuestAddress(0x1000)) == "GuestAddress(0x1000)"
+
+
+@pytest.mark.parametrize("value", [-1, 2**64, 2**70])
+def test_guest_address_out_of_range_names_the_value(value):
+    with pytest.raises(GuestMemoryError, match=f"{value:#x}".replace("-", r"\-")):
+        GuestAddress(value)
+
+
+def test_guest_address_addition_overflow_is_an_error_not_a_wrap():
+    with pytest.raises(GuestMemoryError, match="0x10000000000000000"):
+        GuestAddress(2**64 - 1) + 1
+    with pytest.raises(GuestMemoryError):
+        GuestAddress(2**64 - 0x10) + 0x20
+
+
+def test_guest_address_subtraction_below_zero_is_an_error():
+    with pytest.raises(GuestMemoryError, match="-0x1"):
+        GuestAddress(0) - 1
+    assert GuestAddress(0x10) - 0x10 == 0
+
+
+def test_guest_memory_error_is_a_vmm_error():
+    assert issubclass(GuestMemoryError, VmmError)
+
+
+# --- regions -------------------------------------------------------------------------
+def test_regions_are_sorted_and_sized(mem):
+    assert [(r.start, r.size) for r in mem] == [(0, 4 * PAGE), (0x10000, PAGE)]
+    assert mem.size == 5 * PAGE
+    assert all(r.host_address != 0 for r in mem)
+
+
+def test_regions_given_out_of_order_are_sorted():
+    memory = GuestMemory([(0x10000, PAGE), (0, PAGE)])
+    try:
+        assert [r.start for r in memory] == [0, 0x10000]
+    finally:
+        memory.close()
+
+
+@pytest.mark.parametrize("ranges", [
+    [(0, 2 * PAGE), (PAGE, PAGE)],  # second starts inside the first
+    [(0, 2 * PAGE), (0, PAGE)],  # same start
+    [(PAGE, PAGE), (0, 4 * PAGE)],  # one inside the other (given out of order)
+])
+def test_overlapping_regions_are_refused(ranges):
+    with pytest.raises(GuestMemoryError, match="overlaps"):
+        GuestMemory(ranges)
+
+
+def test_adjacent_regions_are_fine():
+    memory = GuestMemory([(0, PAGE), (PAGE, PAGE)])
+    memory.close()
+
+
+@pytest.mark.parametrize("start, size", [(0, 100), (1, PAGE), (PAGE + 8, PAGE), (0, 0), (0, -PAGE)])
+def test_unaligned_or_empty_regions_are_refused(start, size):
+    with pytest.raises(GuestMemoryError, match="page aligned"):
+        GuestMemory([(start, size)])
+
+
+# --- accesses ------------------------------------------------------------------------
+def test_fresh_memory_reads_zero(mem):
+    assert mem.read(0, 16) == bytes(16)
+
+
+def test_write_then_read_back(mem):
+    mem.write(0x123, b"hello")
+    assert mem.read(0x123, 5) == b"hello"
+    mem.write(0x10000 + PAGE - 2, b"\x01\x02")  # last two bytes of the second region
+    assert mem.read(0x10000 + PAGE - 2, 2) == b"\x01\x02"
+
+
+def test_integers_are_little_endian(mem):
+    mem.write_u8(0x10, 0xAB)
+    mem.write_u16(0x20, 0x1234)
+    mem.write_u32(0x30, 0xDEADBEEF)
+    mem.write_u64(0x40, 0x0123456789ABCDEF)
+    assert mem.read(0x20, 2) == b"\x34\x12"
+    assert (mem.read_u8(0x10), mem.read_u16(0x20), mem.read_u32(0x30), mem.read_u64(0x40)) == (
+        0xAB, 0x1234, 0xDEADBEEF, 0x0123456789ABCDEF)
+
+
+def test_fill(mem):
+    mem.fill(0x100, 8, 0xCC)
+    assert mem.read(0x100, 8) == b"\xcc" * 8
+
+
+def test_last_byte_of_a_region_is_reachable(mem):
+    mem.write(4 * PAGE - 1, b"x")
+    assert mem.read(4 * PAGE - 1, 1) == b"x"
+
+
+@pytest.mark.parametrize("address, length", [
+    (4 * PAGE - 1, 2),  # runs off the end of the first region
+    (4 * PAGE, 1),  # in the hole between the regions
+    (4 * PAGE - 4, 0x10000),  # spans the hole into the second region
+    (0x10000 + PAGE, 1),  # just past the last region
+    (2**64 - 1, 2),  # would wrap past 2**64 in C
+    (0, 5 * PAGE),  # longer than any region
+])
+def test_out_of_bounds_access_names_the_address(mem, address, length):
+    with pytest.raises(GuestMemoryError, match=f"{address:#x}"):
+        mem.read(address, length)
+    with pytest.raises(GuestMemoryError, match=f"{address:#x}"):
+        mem.write(address, b"\0" * length)
+    assert not mem.is_valid(address, length)
+
+
+def test_access_straddling_two_adjacent_regions_is_refused():
+    memory = GuestMemory([(0, PAGE), (PAGE, PAGE)])
+    try:
+        with pytest.raises(GuestMemoryError, match=f"{PAGE - 2:#x}"):
+            memory.read(PAGE - 2, 4)
+    finally:
+        memory.close()
+
+
+def test_negative_address_or_length_is_refused(mem):
+    with pytest.raises(GuestMemoryError):
+        mem.read(-1, 1)
+    with pytest.raises(GuestMemoryError, match="negative length"):
+        mem.read(0x10, -1)
+
+
+def test_integer_access_straddling_the_end_is_refused(mem):
+    with pytest.raises(GuestMemoryError):
+        mem.read_u64(4 * PAGE - 4)
+    with pytest.raises(GuestMemoryError):
+        mem.write_u32(4 * PAGE - 2, 0)
+
+
+def test_view_is_bounds_checked_and_writable(mem):
+    view = mem.view(0x200, 4)
+    view[:] = b"abcd"
+    assert mem.read(0x200, 4) == b"abcd"
+    assert len(view) == 4
+    view.release()
+    with pytest.raises(GuestMemoryError):
+        mem.view(4 * PAGE - 2, 4)
+
+
+def test_guest_addresses_are_accepted(mem):
+    mem.write(GuestAddress(0x300), b"z")
+    assert mem.read(GuestAddress(0x300), 1) == b"z"
+
+
+def test_resident_bytes_counts_touched_pages():
+    memory = GuestMemory([(0, 16 * PAGE)])
+    try:
+        before = memory.resident_bytes()
+        memory.write(5 * PAGE, b"x")
+        assert memory.resident_bytes() >= before + PAGE
+        assert memory.resident_bytes() <= 16 * PAGE
+    finally:
+        memory.close()
