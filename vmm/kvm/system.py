@@ -31,7 +31,11 @@ class Kvm:
         except OSError as e:
             raise KvmUnavailableError(f"{path}: cannot open: {e.strerror}") from None
         self.path = path
-        version = self.get_api_version()
+        try:
+            version = self.get_api_version()
+        except BaseException:  # not KVM at all (e.g. /dev/null): ENOTTY
+            os.close(self.fd)
+            raise
         if version != lib.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailableError(
