@@ -98,6 +98,8 @@ def firmware_path(name_or_path: str | os.PathLike[str]) -> Path:
         return candidate
     name = str(name_or_path)
     builtins = available_firmware()
+    if candidate.is_dir() and name not in builtins:
+        raise LoaderError(f"{candidate}: is a directory, not a firmware image")
     if name not in builtins:
         listed = ", ".join(builtins) if builtins else "none found"
         raise LoaderError(
