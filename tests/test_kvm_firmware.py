@@ -1,0 +1,179 @@
+"""Our firmware payloads under real KVM, in-process, under both run loops.
+
+Each payload's serial output, exit status and exit counts are exact (see
+firmware/README.md for where the numbers come from). Marked ``kvm``: these
+fail, never skip, without a usable /dev/kvm (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+
+import pytest
+
+from vmm.arch.x86_64.layout import BENCH_PORT, COM1_PORT, EXIT_PORT, MiB
+from vmm.config import VmConfig
+from vmm.runner import EXIT_TIMEOUT
+from vmm.session import run_firmware
+
+pytestmark = pytest.mark.kvm
+
+LOOPS = ["c", "python"]
+
+# name → (serial output, exit status, serial bytes, total exits)
+PAYLOADS = {
+    "hello": (b"Hello from the guest!\n", 0, 22, 23),
+    "longmode": (b"real mode\nprotected mode\nlong mode\n", 0, 35, 36),
+    "fail": (b"failing with 42\n", 42, 16, 17),
+}
+
+# Real mode at the reset vector F000:FFF0: print "r\n" on COM1, then `jmp $` forever.
+#   mov $0x3f8, %dx; mov $'r', %al; out %al, %dx; mov $'\n', %al; out %al, %dx; jmp .
+SPIN_IMAGE = bytes.fromhex("baf803" "b072" "ee" "b00a" "ee" "ebfe").ljust(16, b"\xf4")
+
+
+def run(name, runloop, **kwargs):
+    bench_count = kwargs.pop("bench_count", 0)
+    config = VmConfig(mem=2 * MiB, firmware=str(name), runloop=runloop, **kwargs)
+    out, err = io.BytesIO(), io.StringIO()
+    result = run_firmware(config, stdout=out, stderr=err, bench_count=bench_count,
+                          handle_signals=False)
+    return result, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("runloop", LOOPS)
+@pytest.mark.parametrize("name", sorted(PAYLOADS))
+def test_payload_output_status_and_exits(name, runloop):
+    output, status, serial, total = PAYLOADS[name]
+    result, out, err = run(name, runloop)
+    assert out == output
+    assert result.status == status
+    assert result.outcome.reason == "guest exit"
+    assert err == ""
+    stats = result.stats
+    assert stats.total == total
+    assert dict(stats.by_reason) == {"io": total}
+    serial_place = ("io", "fast" if runloop == "c" else "out", COM1_PORT)
+    assert stats.by_place[serial_place] == serial
+    assert stats.by_place[("io", "out", EXIT_PORT)] == 1
+    assert sum(stats.by_place.values()) == total
+    # The C loop completes every console byte itself; Python sees only the exit port.
+    assert stats.exits_in_c == (serial if runloop == "c" else 0)
+
+
+@pytest.mark.parametrize("runloop", LOOPS)
+def test_exitbench_counts(runloop):
+    n = 1000
+    result, out, _ = run("exitbench", runloop, bench_count=n)
+    assert out == b"exitbench: done\n"
+    assert result.status == 0
+    stats = result.stats
+    assert stats.total == n + 18  # 1 in + N outs + 16 characters + 1 exit
+    if runloop == "c":
+        assert stats.by_place[("io", "fast", BENCH_PORT)] == n + 1  # the in and the N outs
+        assert stats.by_place[("io", "fast", COM1_PORT)] == 16
+        assert stats.exits_in_c == stats.total - 1  # all but the exit port
+    else:
+        assert stats.by_place[("io", "out", BENCH_PORT)] == n
+        assert stats.by_place[("io", "in", BENCH_PORT)] == 1
+        assert stats.by_place[("io", "out", COM1_PORT)] == 16
+        assert stats.exits_in_c == 0
+
+
+def test_exitbench_default_count_is_100000():
+    result, out, _ = run("exitbench", "c")
+    assert out == b"exitbench: done\n"
+    assert result.stats.total == 100_018
+
+
+def test_exitbench_times_add_up():
+    result, _, _ = run("exitbench", "c", bench_count=20_000)
+    stats = result.stats
+    assert 0 < stats.ns_in_guest <= stats.wall_ns
+    assert stats.ns_in_vmm < stats.ns_in_guest  # the C loop adds little to KVM's own cost
+
+
+@pytest.mark.parametrize("runloop", LOOPS)
+def test_trace_prints_one_line_per_exit(runloop):
+    result, out, err = run("hello", runloop, trace=True)
+    assert out == b"Hello from the guest!\n"
+    trace = err.splitlines()
+    assert len(trace) == 23 == result.stats.total
+    pattern = re.compile(r"^\[\s*(\d+)\] vcpu0 io out port=(0x[0-9a-f]{4}) size=1 data=([0-9a-f]{2}) "
+                         r"\((serial|debug-exit)\) rip=0x[0-9a-f]+$")
+    matches = [pattern.match(line) for line in trace]
+    assert all(matches), trace
+    assert [int(m[1]) for m in matches] == list(range(1, 24))
+    assert bytes(int(m[3], 16) for m in matches[:22]) == b"Hello from the guest!\n"
+    assert {m[2] for m in matches[:22]} == {"0x03f8"}
+    assert (matches[22][2], matches[22][3], matches[22][4]) == ("0x0501", "00", "debug-exit")
+    assert result.stats.exits_in_c == 0  # --trace sends every exit through Python
+
+
+def test_trace_shows_the_32_bit_in_of_exitbench():
+    _, _, err = run("exitbench", "python", trace=True, bench_count=3)
+    first = err.splitlines()[0]
+    assert re.match(r"^\[\s*1\] vcpu0 io in  port=0x0502 size=4 \(bench\) rip=0x", first), first
+    assert len(err.splitlines()) == 3 + 18
+
+
+@pytest.mark.parametrize("runloop", LOOPS)
+def test_stats_report(runloop):
+    _, _, err = run("exitbench", runloop, stats=True, bench_count=500)
+    in_c = 517 if runloop == "c" else 0
+    assert f"exits: 518 total, {in_c} completed in the C loop" in err
+    assert re.search(r"^  io\s+518$", err, re.M)
+    place = "io fast 0x502" if runloop == "c" else "io out 0x502"
+    assert re.search(rf"^  {place}\s+{501 if runloop == 'c' else 500}  bench$", err, re.M)
+    assert re.search(r"^exits per second: [\d,]+$", err, re.M)
+    assert re.search(r"^time: [\d.]+ s wall; in guest \(KVM_RUN\) [\d.]+ s, in VMM [\d.]+ s$", err, re.M)
+    assert "VMM time per exit:" in err
+
+
+@pytest.mark.parametrize("runloop", LOOPS)
+def test_timeout_stops_a_guest_that_never_ends(tmp_path, runloop):
+    spin = tmp_path / "spin.bin"
+    spin.write_bytes(SPIN_IMAGE)
+    start = time.monotonic()
+    result, out, err = run(spin, runloop, timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert result.status == EXIT_TIMEOUT == 124
+    assert result.outcome.reason == "timeout"
+    assert out == b"r\n"
+    assert "vmm: guest stopped: timeout" in err and "(exit status 124)" in err
+    assert elapsed < 2.0
+
+
+@pytest.mark.parametrize("runloop", LOOPS)
+def test_timeout_stops_a_busy_exitbench(runloop):
+    start = time.monotonic()
+    result, out, _ = run("exitbench", runloop, timeout=0.5, bench_count=0xFFFFFFFF)
+    assert result.status == 124
+    assert out == b""
+    assert time.monotonic() - start < 2.0
+    assert result.stats.total > 1000  # it was really running exits when stopped
+
+
+def test_kvm_error_from_a_real_ioctl(kvm):
+    from vmm.errors import KvmError
+
+    vm = kvm.create_vm()
+    try:
+        with pytest.raises(KvmError) as info:
+            vm.set_user_memory_region(0, 0, 4095, 0x10000)  # size not page aligned
+        assert str(info.value) == "KVM_SET_USER_MEMORY_REGION failed: EINVAL (Invalid argument)"
+    finally:
+        vm.close()
+
+
+def test_kvm_api_version_and_capabilities(kvm):
+    from vmm.kvm.ioctl import lib
+
+    assert kvm.get_api_version() == 12
+    assert kvm.check_extension(lib.KVM_CAP_USER_MEMORY)
+    assert kvm.check_extension(lib.KVM_CAP_IMMEDIATE_EXIT)
+    assert kvm.get_vcpu_mmap_size() >= 4096
+    assert kvm.max_vcpus() >= 1
+    assert kvm.get_supported_cpuid()
