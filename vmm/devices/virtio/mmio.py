@@ -1,0 +1,450 @@
+"""The virtio-mmio transport, version 2 ("modern", virtio 1.x section 4.2).
+
+A 4 KiB window of 32-bit registers, then the device's configuration space at
+0x100. The guest kernel finds the window through
+``virtio_mmio.device=4K@0xd0000000:5`` and talks to it with plain loads and
+stores, each one an MMIO exit that the bus turns into :meth:`read` or
+:meth:`write` here. The transport knows nothing of block devices: it
+negotiates features, runs the status state machine, holds the queue
+registers, and when the driver writes QueueNotify it runs the device over
+that queue and interrupts the driver if the ring says it wants to hear.
+
+Everything the guest writes is hostile and nothing it writes makes this class
+raise: a value that makes no sense is ignored and counted in :attr:`errors`;
+a ring that cannot be trusted any more sets DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections import Counter
+from typing import Callable, Protocol
+
+from vmm.devices.virtio.queue import ChainError, DescriptorChain, Queue, RingError
+from vmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+MAGIC_VALUE = 0x74726976  # "virt"
+VERSION = 2
+VENDOR_ID = int.from_bytes(b"vmm\0", "little")
+
+# Register offsets (spec 4.2.2).
+MAGIC = 0x000
+VERSION_REG = 0x004
+DEVICE_ID = 0x008
+VENDOR_ID_REG = 0x00C
+DEVICE_FEATURES = 0x010
+DEVICE_FEATURES_SEL = 0x014
+DRIVER_FEATURES = 0x020
+DRIVER_FEATURES_SEL = 0x024
+QUEUE_SEL = 0x030
+QUEUE_NUM_MAX = 0x034
+QUEUE_NUM = 0x038
+QUEUE_READY = 0x044
+QUEUE_NOTIFY = 0x050
+INTERRUPT_STATUS = 0x060
+INTERRUPT_ACK = 0x064
+STATUS = 0x070
+QUEUE_DESC_LOW = 0x080
+QUEUE_DESC_HIGH = 0x084
+QUEUE_DRIVER_LOW = 0x090
+QUEUE_DRIVER_HIGH = 0x094
+QUEUE_DEVICE_LOW = 0x0A0
+QUEUE_DEVICE_HIGH = 0x0A4
+SHM_SEL = 0x0AC
+SHM_LEN_LOW = 0x0B0
+SHM_LEN_HIGH = 0x0B4
+SHM_BASE_LOW = 0x0B8
+SHM_BASE_HIGH = 0x0BC
+QUEUE_RESET = 0x0C0
+CONFIG_GENERATION = 0x0FC
+CONFIG = 0x100
+WINDOW_SIZE = 0x1000
+
+# Device status bits (spec 2.1).
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+INT_USED_RING = 1  # InterruptStatus bit 0: a used buffer notification
+INT_CONFIG = 2  # bit 1: the configuration (or DEVICE_NEEDS_RESET) changed
+
+# Feature bits that belong to the transport and ring, not to one device type (spec 6).
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+
+
+class VirtioDevice(Protocol):
+    """What the transport needs of a device (virtio-blk is one)."""
+
+    device_id: int
+    queue_max_sizes: tuple[int, ...]  # one entry per virtqueue
+
+    @property
+    def features(self) -> int: ...  # every feature bit the device offers
+
+    def read_config(self, offset: int, size: int) -> bytes: ...
+
+    def write_config(self, offset: int, data: bytes) -> None: ...
+
+    def activate(self, features: int) -> None: ...  # the features the driver accepted
+
+    def reset(self) -> None: ...
+
+    def process_chain(self, queue_index: int, chain: DescriptorChain, memory: GuestMemory) -> int:
+        """Do one request; return the bytes written into the chain. Must not raise."""
+        ...
+
+
+class VirtioMmioTransport:
+    """One virtio device behind a virtio-mmio register window."""
+
+    def __init__(
+        self,
+        device: VirtioDevice,
+        memory: GuestMemory,
+        interrupt: object,
+        *,
+        name: str = "virtio-mmio",
+        level_triggered: bool = False,
+    ) -> None:
+        """``interrupt`` has ``pulse()`` (edge, the default) or ``set_level(bool)``.
+
+        With ``level_triggered`` the line follows InterruptStatus != 0, as a
+        level-triggered irqchip pin or a resample irqfd wants.
+        """
+        self.device = device
+        self.memory = memory
+        self.interrupt = interrupt
+        self.name = name
+        self.level_triggered = level_triggered
+        self.trace: Callable[[str], None] | None = None  # --trace: one line per event
+        self._lock = threading.Lock()
+        self.queues = [Queue(size) for size in device.queue_max_sizes]
+        # Statistics, never reset (benchmarks read them).
+        self.notifications = 0  # QueueNotify writes
+        self.interrupts = 0  # interrupts signalled (used ring and config)
+        self.chain_errors = 0  # chains returned unprocessed
+        self.errors: Counter[str] = Counter()  # ignored guest writes, by reason
+        self.last_error = ""
+        self._reset_registers()
+
+    # --- state -----------------------------------------------------------------------------
+    def _reset_registers(self) -> None:
+        self.status = 0
+        self.device_features_sel = 0
+        self.driver_features_sel = 0
+        self.driver_features = 0
+        self.queue_sel = 0
+        self.interrupt_status = 0
+        self.config_generation = 0
+        self.shm_sel = 0
+        for queue in self.queues:
+            queue.reset()
+
+    def reset(self) -> None:
+        """The driver wrote 0 to Status: back to power-on state (spec 2.4)."""
+        with self._lock:
+            self._reset()
+
+    def _reset(self) -> None:
+        self._reset_registers()
+        self.device.reset()
+        self._update_level()
+
+    @property
+    def negotiated_features(self) -> int:
+        return self.driver_features & self.device.features
+
+    def _error(self, reason: str, detail: str = "") -> None:
+        self.errors[reason] += 1
+        self.last_error = f"{reason}: {detail}" if detail else reason
+        log.debug("%s: %s", self.name, self.last_error)
+
+    def _emit(self, message: str) -> None:
+        if self.trace is not None:
+            self.trace(f"{self.name}: {message}")
+
+    # --- the bus protocol -----------------------------------------------------------------
+    def read(self, offset: int, size: int) -> bytes:
+        with self._lock:
+            if offset >= CONFIG:
+                return self._read_config(offset - CONFIG, size)
+            if size != 4 or offset % 4:
+                self._error("bad register access", f"read of {size} bytes at {offset:#x}")
+                return bytes(size)
+            return struct.pack("<I", self._read_register(offset) & 0xFFFFFFFF)
+
+    def write(self, offset: int, data: bytes) -> None:
+        with self._lock:
+            if offset >= CONFIG:
+                self.device.write_config(offset - CONFIG, bytes(data))
+                return
+            if len(data) != 4 or offset % 4:
+                self._error("bad register access", f"write of {len(data)} bytes at {offset:#x}")
+                return
+            value = struct.unpack("<I", data)[0]
+            if offset == QUEUE_NOTIFY:
+                self._notify(value)
+            else:
+                self._write_register(offset, value)
+
+    def notify(self, queue_index: int) -> None:
+        """A queue notification from elsewhere than the register (an ioeventfd thread)."""
+        with self._lock:
+            self._notify(queue_index)
+
+    def config_changed(self) -> None:
+        """The device's configuration changed (a resized disk): tell the driver."""
+        with self._lock:
+            self.config_generation += 1
+            self._signal(INT_CONFIG)
+
+    # --- registers ----------------------------------------------------------------------------
+    def _selected(self) -> Queue | None:
+        return self.queues[self.queue_sel] if self.queue_sel < len(self.queues) else None
+
+    def _read_register(self, offset: int) -> int:
+        queue = self._selected()
+        if offset == MAGIC:
+            return MAGIC_VALUE
+        if offset == VERSION_REG:
+            return VERSION
+        if offset == DEVICE_ID:
+            return self.device.device_id
+        if offset == VENDOR_ID_REG:
+            return VENDOR_ID
+        if offset == DEVICE_FEATURES:
+            if self.device_features_sel > 1:
+                return 0
+            return self.device.features >> (32 * self.device_features_sel)
+        if offset == QUEUE_NUM_MAX:
+            return queue.max_size if queue else 0
+        if offset == QUEUE_NUM:
+            return queue.size if queue else 0
+        if offset == QUEUE_READY:
+            return int(queue.ready) if queue else 0
+        if offset == INTERRUPT_STATUS:
+            return self.interrupt_status
+        if offset == STATUS:
+            return self.status
+        if offset in (QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH,
+                      QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
+            if queue is None:
+                return 0
+            address = self._queue_address(queue, offset)
+            return address >> 32 if offset % 8 else address
+        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
+            return 0xFFFFFFFF  # no shared memory regions: length ~0 means "none"
+        if offset == CONFIG_GENERATION:
+            return self.config_generation
+        return 0  # write-only and reserved registers read as 0
+
+    @staticmethod
+    def _queue_address(queue: Queue, offset: int) -> int:
+        if offset in (QUEUE_DESC_LOW, QUEUE_DESC_HIGH):
+            return queue.desc_table
+        if offset in (QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH):
+            return queue.avail_ring
+        return queue.used_ring
+
+    def _write_register(self, offset: int, value: int) -> None:
+        if offset == DEVICE_FEATURES_SEL:
+            self.device_features_sel = value
+        elif offset == DRIVER_FEATURES_SEL:
+            self.driver_features_sel = value
+        elif offset == DRIVER_FEATURES:
+            self._write_driver_features(value)
+        elif offset == QUEUE_SEL:
+            self.queue_sel = value
+        elif offset == STATUS:
+            self._write_status(value)
+        elif offset == INTERRUPT_ACK:
+            self.interrupt_status &= ~value
+            self._update_level()
+        elif offset == SHM_SEL:
+            self.shm_sel = value
+        elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
+                        QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, QUEUE_RESET):
+            self._write_queue_register(offset, value)
+        else:
+            self._error("write to a read-only or reserved register", f"{offset:#x} = {value:#x}")
+
+    def _write_driver_features(self, value: int) -> None:
+        if self.status & STATUS_FEATURES_OK or not self.status & STATUS_DRIVER:
+            self._error("driver features written outside negotiation", f"{value:#x}")
+            return
+        if self.driver_features_sel > 1:
+            if value:
+                self._error("driver features past bit 63", f"sel {self.driver_features_sel}")
+            return
+        shift = 32 * self.driver_features_sel
+        self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
+
+    def _write_queue_register(self, offset: int, value: int) -> None:
+        queue = self._selected()
+        if queue is None:
+            self._error("queue register of a queue that does not exist", f"queue {self.queue_sel}")
+            return
+        if offset == QUEUE_RESET:
+            if value == 1:
+                queue.reset()
+            return
+        if offset == QUEUE_READY:
+            self._write_queue_ready(queue, value)
+            return
+        if queue.ready:
+            self._error("queue register written while the queue is ready", f"{offset:#x}")
+            return
+        if offset == QUEUE_NUM:
+            queue.size = value  # checked when the queue is made ready
+            return
+        high = offset % 8 == 4
+        base = offset - 4 if high else offset
+        attribute = {QUEUE_DESC_LOW: "desc_table", QUEUE_DRIVER_LOW: "avail_ring",
+                     QUEUE_DEVICE_LOW: "used_ring"}[base]
+        old = getattr(queue, attribute)
+        new = (old & 0xFFFFFFFF) | (value << 32) if high else (old & ~0xFFFFFFFF) | value
+        setattr(queue, attribute, new)
+
+    def _write_queue_ready(self, queue: Queue, value: int) -> None:
+        if value == 0:
+            queue.ready = False
+            return
+        if queue.ready:
+            return
+        problem = queue.check_areas(self.memory)
+        if problem:
+            self._error("queue set-up refused", problem)
+            return  # QueueReady reads back 0: the driver sees it failed
+        features = self.negotiated_features
+        queue.activate(
+            self.memory,
+            event_idx=bool(features >> VIRTIO_RING_F_EVENT_IDX & 1),
+            indirect=bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1),
+        )
+        queue.ready = True
+
+    # --- the status state machine (spec 2.1, 3.1.1) ---------------------------------------------
+    def _write_status(self, value: int) -> None:
+        if value == 0:
+            self._emit("reset")
+            self._reset()
+            return
+        value &= ~STATUS_NEEDS_RESET  # the device's bit: the driver cannot set or clear it
+        current = self.status & ~STATUS_NEEDS_RESET
+        if value & current != current or value & ~0xFF:
+            self._error("status bits cleared without a reset", f"{self.status:#x} -> {value:#x}")
+            return
+        new = value & ~current
+        if new & STATUS_FAILED:
+            self.status |= STATUS_FAILED  # the driver gave up; anything else it wrote is moot
+            return
+        steps = [
+            (STATUS_ACKNOWLEDGE, 0),
+            (STATUS_DRIVER, STATUS_ACKNOWLEDGE),
+            (STATUS_FEATURES_OK, STATUS_DRIVER),
+            (STATUS_DRIVER_OK, STATUS_FEATURES_OK),
+        ]
+        for bit, needs in steps:
+            if not new & bit:
+                continue
+            if needs and not self.status & needs:
+                self._error("status bit set out of order", f"{self.status:#x} -> {value:#x}")
+                return
+            if bit == STATUS_FEATURES_OK and not self._features_acceptable():
+                return  # FEATURES_OK does not stick: the driver reads it back and gives up
+            if bit == STATUS_DRIVER_OK:
+                self.device.activate(self.negotiated_features)
+                self._emit(f"DRIVER_OK, features {self.negotiated_features:#x}")
+            self.status |= bit
+        if value & ~(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+                     | STATUS_FAILED):
+            self._error("unknown status bits", f"{value:#x}")
+
+    def _features_acceptable(self) -> bool:
+        offered = self.device.features
+        if self.driver_features & ~offered:
+            self._error("driver accepted features never offered",
+                        f"{self.driver_features & ~offered:#x}")
+            return False
+        if not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
+            self._error("driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)")
+            return False
+        return True
+
+    # --- queue notifications and interrupts ------------------------------------------------------
+    def _notify(self, queue_index: int) -> None:
+        self.notifications += 1
+        self._emit(f"notify queue {queue_index}")
+        if not self.status & STATUS_DRIVER_OK or self.status & (STATUS_FAILED | STATUS_NEEDS_RESET):
+            self._error("notify while the device is not running", f"status {self.status:#x}")
+            return
+        if queue_index >= len(self.queues) or not self.queues[queue_index].ready:
+            self._error("notify of a queue that is not ready", f"queue {queue_index}")
+            return
+        queue = self.queues[queue_index]
+        try:
+            self._process(queue_index, queue)
+        except RingError as e:
+            self._needs_reset(f"{type(e).__name__}: queue {queue_index}: {e}")
+        except Exception as e:  # a bug in vmm, not the guest's fault; still never kill the vCPU
+            log.exception("%s: internal error on queue %d", self.name, queue_index)
+            self.errors["internal error"] += 1
+            self._needs_reset(f"internal error: {e!r}")
+
+    def _process(self, queue_index: int, queue: Queue) -> None:
+        """Take every available chain, do it, give it back; then maybe interrupt."""
+        while True:
+            queue.disable_notification()
+            while True:
+                try:
+                    chain = queue.pop()
+                except ChainError as e:
+                    self.chain_errors += 1
+                    self._error(f"malformed chain: {type(e).__name__}", str(e))
+                    queue.add_used(e.head, 0)
+                    continue
+                if chain is None:
+                    break
+                written = self.device.process_chain(queue_index, chain, self.memory)
+                queue.add_used(chain.head, written)
+            if not queue.enable_notification():
+                break
+        if queue.needs_notification():
+            self._signal(INT_USED_RING)
+
+    def _needs_reset(self, why: str) -> None:
+        self._error("device needs reset", why)
+        if not self.status & STATUS_NEEDS_RESET:
+            self.status |= STATUS_NEEDS_RESET
+            if self.status & STATUS_DRIVER_OK:
+                self._signal(INT_CONFIG)  # spec 2.1.2: tell the driver
+
+    def _signal(self, reason: int) -> None:
+        self.interrupt_status |= reason
+        self.interrupts += 1
+        self._emit(f"interrupt (status {self.interrupt_status:#x})")
+        if self.level_triggered:
+            self._update_level()
+        elif hasattr(self.interrupt, "pulse"):
+            self.interrupt.pulse()
+        else:
+            self.interrupt.set_level(True)
+            self.interrupt.set_level(False)
+
+    def _update_level(self) -> None:
+        if self.level_triggered:
+            self.interrupt.set_level(self.interrupt_status != 0)
+
+    def _read_config(self, offset: int, size: int) -> bytes:
+        data = self.device.read_config(offset, size)
+        return data[:size].ljust(size, b"\0")
+
