@@ -61,9 +61,105 @@ def run_firmware(
         machine.close()
 
 
+class PanicWatcher:
+    """Spots the guest kernel's panic message in the console stream."""
+
+    MARKER = b"Kernel panic - not syncing"
+
+    def __init__(self) -> None:
+        self.panicked = False
+        self.message = ""
+        self._tail = b""
+
+    def __call__(self, data: bytes) -> None:
+        window = self._tail + data
+        if not self.panicked and self.MARKER in window:
+            self.panicked = True
+            line = window[window.index(self.MARKER):].split(b"\n")[0]
+            self.message = line.decode(errors="replace").strip()
+        self._tail = window[-len(self.MARKER):]
+
+
+def run_linux(
+    config: VmConfig,
+    *,
+    stdout: BinaryIO | None = None,
+    stderr: TextIO | None = None,
+    stdin=None,
+    handle_signals: bool = True,
+) -> RunResult:
+    """Boot Linux, run the command (or a shell), return the guest's exit status."""
+    import time
+
+    from vmm.builder import build_linux_vm
+    from vmm.runner import EXIT_GUEST_PANIC, EXIT_NO_STATUS
+
+    stderr = stderr or sys.stderr
+    panic = PanicWatcher()
+    output = ConsoleOutput(stdout, watchers=[panic])
+    runner_box: list[Runner] = []
+
+    def on_exit(status: int) -> None:
+        runner_box[0].stop(status, "guest exit", f"status {status} written to the exit port")
+
+    def on_reset() -> None:
+        if panic.panicked:
+            runner_box[0].stop(EXIT_GUEST_PANIC, "guest kernel panic", panic.message)
+        else:
+            runner_box[0].stop(EXIT_NO_STATUS, "guest reset", "the guest rebooted without reporting a status")
+
+    def progress(line: str) -> None:
+        print(f"vmm: {line}", file=stderr, flush=True)
+
+    guest = build_linux_vm(config, output, on_exit, on_reset, progress)
+    machine = guest.machine
+    try:
+        quirks = None
+        if machine.flavour == "pvm":
+            from vmm.arch.x86_64.pvm import PvmQuirks
+            from vmm.loader.symbols import SymbolTable
+
+            symbols = SymbolTable.from_system_map(guest.system_map) if guest.system_map else None
+            quirks = PvmQuirks(symbols)
+        runner = Runner(machine.vcpus, machine.pio, machine.mmio, runloop=config.runloop,
+                        trace=stderr if config.trace else None, quirks=quirks)
+        runner_box.append(runner)
+        if handle_signals:
+            install_stop_signals(runner)
+        outcome = _run_with_console(runner, guest, config, stdin)
+        if outcome.reason in ("triple fault", "guest reset") and panic.panicked:
+            outcome = Outcome(EXIT_GUEST_PANIC, "guest kernel panic", panic.message)
+        machine.phases["first_kvm_run"] = runner.first_run_ns or 0
+        machine.phases["first_output"] = output.first_byte_ns or 0
+        for mark, name in ((1, "init_reached"), (2, "command_done")):
+            if mark in guest.boot_timer.marks:
+                machine.phases[name] = guest.boot_timer.marks[mark]
+        machine.phases["guest_finished"] = time.monotonic_ns()
+        report(outcome, runner, machine, config, stderr)
+        return RunResult(outcome, runner.stats, machine.phases)
+    finally:
+        machine.close()
+
+
+def _run_with_console(runner: Runner, guest, config: VmConfig, stdin) -> Outcome:
+    """Run the guest with the host's input connected to its UART, if there is any."""
+    from vmm.console import InteractiveConsole
+
+    if config.command:
+        return runner.run(timeout=config.timeout)
+    stdin = stdin if stdin is not None else sys.stdin
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, ValueError, OSError):
+        return runner.run(timeout=config.timeout)
+    with InteractiveConsole(guest.serial.enqueue_input,
+                            lambda: runner.stop(0, "console escape", "Ctrl-A x"), fd=fd):
+        return runner.run(timeout=config.timeout)
+
+
 def report(outcome: Outcome, runner: Runner, machine, config: VmConfig, stderr: TextIO) -> None:
     """Say why the VM ended when it is not the guest's own doing, and --stats."""
-    if outcome.reason not in ("guest exit",):
+    if outcome.reason not in ("guest exit", "console escape"):
         message = f"vmm: guest stopped: {outcome.reason}"
         if outcome.detail:
             message += f": {outcome.detail}"
@@ -73,4 +169,4 @@ def report(outcome: Outcome, runner: Runner, machine, config: VmConfig, stderr: 
         print(runner.stats.report(names), file=stderr)
 
 
-__all__ = ["run_firmware", "RunResult", "EXIT_VMM_ERROR"]
+__all__ = ["run_firmware", "run_linux", "RunResult", "EXIT_VMM_ERROR"]

@@ -48,3 +48,27 @@ class Sink:
 
     def fast_path_rules(self) -> list[PortRule]:
         return [PortRule(0, on_write="discard", on_read="constant", read_value=self.read_value)]
+
+
+class BootTimer:
+    """The guest's "I am here" marks, timestamped by the host (as Firecracker's boot timer).
+
+    Our /init writes 1 the moment it starts (userspace reached) and 2 just
+    before it reports the command's exit status. Any guest can use it: one
+    byte written to the port, nothing read.
+    """
+
+    INIT_REACHED = 1
+    COMMAND_DONE = 2
+
+    def __init__(self, clock=None) -> None:
+        import time
+
+        self._clock = clock or time.monotonic_ns
+        self.marks: dict[int, int] = {}  # value → first time it was written (ns)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.marks.setdefault(data[0], self._clock())

@@ -1,0 +1,101 @@
+"""The Intel MultiProcessor table: how a guest without ACPI finds its CPUs.
+
+Linux (CONFIG_X86_MPPARSE) scans the EBDA for the 16-byte floating pointer
+``_MP_``, follows it to the ``PCMP`` configuration table and reads one
+processor entry per CPU, the I/O APIC, the ISA bus and how each ISA IRQ is
+wired. That is what makes ``--cpus N`` give the guest N CPUs: the guest boots
+the others itself through the in-kernel local APICs (INIT/SIPI).
+(Intel MultiProcessor Specification 1.4, chapter 4.)
+"""
+
+from __future__ import annotations
+
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Struct
+
+from vmm.arch.x86_64 import layout
+
+SPEC_REVISION = 4  # 1.4
+APIC_VERSION = 0x14
+IOAPIC_VERSION = 0x11
+CPU_ENABLED = 1
+CPU_BOOTSTRAP = 2
+CPU_SIGNATURE = (6 << 8) | (1 << 4) | 1  # family 6, model 1, stepping 1: any modern x86
+CPU_FEATURES = (1 << 9) | (1 << 0)  # APIC and FPU on chip
+ISA_IRQS = 16
+IOAPIC_PINS = 24
+
+MP_INT = 0  # vectored interrupt from the I/O APIC
+MP_NMI = 1
+MP_EXTINT = 3
+
+FloatingPointer = Struct(
+    "signature" / Bytes(4), "physptr" / Int32ul, "length" / Int8ul, "specification" / Int8ul,
+    "checksum" / Int8ul, "feature1" / Int8ul, "feature2" / Int8ul, "feature3" / Int8ul,
+    "feature4" / Int8ul, "feature5" / Int8ul,
+)
+ConfigHeader = Struct(
+    "signature" / Bytes(4), "length" / Int16ul, "spec" / Int8ul, "checksum" / Int8ul,
+    "oem" / Bytes(8), "product" / Bytes(12), "oem_table" / Int32ul, "oem_table_size" / Int16ul,
+    "entry_count" / Int16ul, "lapic" / Int32ul, "ext_table_length" / Int16ul,
+    "ext_table_checksum" / Int8ul, "reserved" / Int8ul,
+)
+Processor = Struct(
+    "type" / Int8ul, "apic_id" / Int8ul, "apic_version" / Int8ul, "flags" / Int8ul,
+    "signature" / Int32ul, "features" / Int32ul, "reserved" / Bytes(8),
+)
+Bus = Struct("type" / Int8ul, "bus_id" / Int8ul, "bus_type" / Bytes(6))
+IoApic = Struct("type" / Int8ul, "apic_id" / Int8ul, "version" / Int8ul, "flags" / Int8ul,
+                "address" / Int32ul)
+Interrupt = Struct(
+    "type" / Int8ul, "irq_type" / Int8ul, "flags" / Int16ul, "src_bus" / Int8ul,
+    "src_irq" / Int8ul, "dst_apic" / Int8ul, "dst_pin" / Int8ul,
+)
+
+ENTRY_PROCESSOR, ENTRY_BUS, ENTRY_IOAPIC, ENTRY_IO_INTERRUPT, ENTRY_LOCAL_INTERRUPT = range(5)
+
+
+def checksum_byte(data: bytes) -> int:
+    """The byte that makes ``data`` sum to zero modulo 256."""
+    return (-sum(data)) & 0xFF
+
+
+def build_mptable(cpus: int, address: int = layout.MPTABLE) -> bytes:
+    """The floating pointer followed by the configuration table, for ``cpus`` CPUs."""
+    if not 1 <= cpus <= 254:
+        raise ValueError(f"{cpus} CPUs: the MP table's 8-bit APIC ids allow 1-254")
+    ioapic_id = cpus  # the next APIC id after the CPUs'
+    entries = [
+        Processor.build(dict(
+            type=ENTRY_PROCESSOR, apic_id=cpu, apic_version=APIC_VERSION,
+            flags=CPU_ENABLED | (CPU_BOOTSTRAP if cpu == 0 else 0),
+            signature=CPU_SIGNATURE, features=CPU_FEATURES, reserved=bytes(8),
+        ))
+        for cpu in range(cpus)
+    ]
+    entries.append(Bus.build(dict(type=ENTRY_BUS, bus_id=0, bus_type=b"ISA   ")))
+    entries.append(IoApic.build(dict(type=ENTRY_IOAPIC, apic_id=ioapic_id, version=IOAPIC_VERSION,
+                                     flags=1, address=layout.IOAPIC_BASE)))
+    # ISA IRQ n → I/O APIC pin n: KVM's default routing wires GSI n to pin n.
+    for irq in range(ISA_IRQS):
+        entries.append(Interrupt.build(dict(
+            type=ENTRY_IO_INTERRUPT, irq_type=MP_INT, flags=0, src_bus=0, src_irq=irq,
+            dst_apic=ioapic_id, dst_pin=irq,
+        )))
+    entries.append(Interrupt.build(dict(type=ENTRY_LOCAL_INTERRUPT, irq_type=MP_EXTINT, flags=0,
+                                        src_bus=0, src_irq=0, dst_apic=0xFF, dst_pin=0)))
+    entries.append(Interrupt.build(dict(type=ENTRY_LOCAL_INTERRUPT, irq_type=MP_NMI, flags=0,
+                                        src_bus=0, src_irq=0, dst_apic=0xFF, dst_pin=1)))
+    body = b"".join(entries)
+    header = dict(
+        signature=b"PCMP", length=ConfigHeader.sizeof() + len(body), spec=SPEC_REVISION,
+        checksum=0, oem=b"VMM     ", product=b"VMM MPTABLE ", oem_table=0, oem_table_size=0,
+        entry_count=len(entries), lapic=layout.LAPIC_BASE, ext_table_length=0,
+        ext_table_checksum=0, reserved=0,
+    )
+    header["checksum"] = checksum_byte(ConfigHeader.build(header) + body)
+    config = ConfigHeader.build(header) + body
+    pointer = dict(signature=b"_MP_", physptr=address + FloatingPointer.sizeof(), length=1,
+                   specification=SPEC_REVISION, checksum=0, feature1=0, feature2=0,
+                   feature3=0, feature4=0, feature5=0)
+    pointer["checksum"] = checksum_byte(FloatingPointer.build(pointer))
+    return FloatingPointer.build(pointer) + config

@@ -1,0 +1,204 @@
+/*
+ * /init of vmm's default guest: the first (and usually only) user process.
+ *
+ * 1. mount /proc, /sys and /dev (devtmpfs);
+ * 2. tell vmm "init reached" through the boot-timer port;
+ * 3. if vmm.root=DEV is on the kernel command line, mount DEV and run the
+ *    command inside it (chroot), so any Linux root file system works;
+ * 4. run the command vmm passed as vmm.argv=... (each argument
+ *    percent-encoded, arguments separated by %00, so any argv survives the
+ *    kernel's command-line parser), or an interactive shell when there is none;
+ * 5. report its exit status to vmm through the debug-exit port, which ends
+ *    the VM at once (no shutdown sequence needed: nothing is left to flush
+ *    that the guest kernel would write back... except dirty disk pages, so
+ *    we sync() first).
+ *
+ * Ports are reached with pwrite() on /dev/port: the kernel does the `out`
+ * in kernel mode. Keep the port numbers in sync with vmm/arch/x86_64/layout.py
+ * (the image builder passes them with -D).
+ *
+ * Built with musl-gcc -static (about 20 KiB) when available: every byte of
+ * the initramfs costs unpack time in the guest.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef EXIT_PORT
+#error "EXIT_PORT must be defined (vmm/arch/x86_64/layout.py)"
+#endif
+#ifndef BOOT_TIMER_PORT
+#error "BOOT_TIMER_PORT must be defined (vmm/arch/x86_64/layout.py)"
+#endif
+
+#define BOOT_TIMER_INIT_REACHED 1
+#define BOOT_TIMER_COMMAND_DONE 2
+#define MAX_ARGS 256
+#define CMDLINE_MAX 4096
+
+static void port_write(unsigned port, unsigned char value)
+{
+    int fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || pwrite(fd, &value, 1, port) != 1)
+        dprintf(2, "vmm-init: /dev/port: %s\n", strerror(errno));
+    if (fd >= 0)
+        close(fd);
+}
+
+static void finish(int status)
+{
+    sync();
+    port_write(BOOT_TIMER_PORT, BOOT_TIMER_COMMAND_DONE);
+    port_write(EXIT_PORT, (unsigned char)status);
+    /* Not reached under vmm; under another VMM power off instead. */
+    for (;;)
+        pause();
+}
+
+static int hexval(char c)
+{
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Decode "a%20b%00c" in place into NUL-separated strings; fill argv. */
+static int decode_argv(char *text, char **argv)
+{
+    int argc = 0;
+    char *out = text, *start = text;
+    for (char *in = text; *in; in++) {
+        if (*in == '%' && hexval(in[1]) >= 0 && hexval(in[2]) >= 0) {
+            char c = (char)(hexval(in[1]) * 16 + hexval(in[2]));
+            in += 2;
+            if (c == '\0') {
+                *out++ = '\0';
+                if (argc < MAX_ARGS - 1)
+                    argv[argc++] = start;
+                start = out;
+                continue;
+            }
+            *out++ = c;
+        } else {
+            *out++ = *in;
+        }
+    }
+    *out = '\0';
+    if (argc < MAX_ARGS - 1)
+        argv[argc++] = start;
+    argv[argc] = NULL;
+    return argc;
+}
+
+/* The value of key=VALUE on the kernel command line, copied into buf. */
+static int cmdline_value(const char *cmdline, const char *key, char *buf, size_t size)
+{
+    size_t klen = strlen(key);
+    for (const char *p = cmdline; (p = strstr(p, key)) != NULL; p += klen) {
+        if ((p == cmdline || p[-1] == ' ') && p[klen] == '=') {
+            const char *v = p + klen + 1;
+            size_t n = strcspn(v, " \n");
+            if (n >= size)
+                n = size - 1;
+            memcpy(buf, v, n);
+            buf[n] = '\0';
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static void mount_or_warn(const char *src, const char *dst, const char *type)
+{
+    mkdir(dst, 0755);
+    if (mount(src, dst, type, 0, NULL) < 0 && errno != EBUSY)
+        dprintf(2, "vmm-init: mount %s on %s: %s\n", type, dst, strerror(errno));
+}
+
+static void enter_root(const char *device)
+{
+    static const char *types[] = {"ext4", "ext3", "ext2", "btrfs", "xfs", "vfat", NULL};
+    mkdir("/newroot", 0755);
+    for (const char **t = types; *t; t++)
+        if (mount(device, "/newroot", *t, 0, NULL) == 0)
+            goto mounted;
+    dprintf(2, "vmm-init: cannot mount root %s: %s\n", device, strerror(errno));
+    finish(126);
+mounted:
+    /* Give the new root the same /proc, /sys, /dev. */
+    mount_or_warn("proc", "/newroot/proc", "proc");
+    mount_or_warn("sysfs", "/newroot/sys", "sysfs");
+    mount_or_warn("devtmpfs", "/newroot/dev", "devtmpfs");
+    if (chroot("/newroot") < 0 || chdir("/") < 0) {
+        dprintf(2, "vmm-init: chroot %s: %s\n", device, strerror(errno));
+        finish(126);
+    }
+}
+
+int main(void)
+{
+    static char cmdline[CMDLINE_MAX], encoded[CMDLINE_MAX], root[256];
+    char *argv[MAX_ARGS];
+    char *shell[] = {"/bin/sh", NULL};
+
+    mount_or_warn("proc", "/proc", "proc");
+    mount_or_warn("sysfs", "/sys", "sysfs");
+    mount_or_warn("devtmpfs", "/dev", "devtmpfs");
+    port_write(BOOT_TIMER_PORT, BOOT_TIMER_INIT_REACHED);
+
+    int fd = open("/proc/cmdline", O_RDONLY);
+    ssize_t n = fd >= 0 ? read(fd, cmdline, sizeof(cmdline) - 1) : -1;
+    if (fd >= 0)
+        close(fd);
+    cmdline[n > 0 ? n : 0] = '\0';
+
+    int interactive = !cmdline_value(cmdline, "vmm.argv", encoded, sizeof(encoded));
+    char **args = interactive ? shell : argv;
+    if (!interactive)
+        decode_argv(encoded, argv);
+
+    setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
+    setenv("HOME", "/root", 1);
+    setenv("TERM", interactive ? "vt100" : "dumb", 1);
+
+    pid_t child = fork();
+    if (child == 0) {
+        if (cmdline_value(cmdline, "vmm.root", root, sizeof(root)))
+            enter_root(root);
+        if (interactive) {
+            /* A session with the console as controlling tty: job control, ^C. */
+            setsid();
+            ioctl(0, TIOCSCTTY, 1);
+        }
+        execvp(args[0], args);
+        dprintf(2, "vmm-init: %s: %s\n", args[0], strerror(errno));
+        _exit(errno == ENOENT ? 127 : 126);
+    }
+    if (child < 0) {
+        dprintf(2, "vmm-init: fork: %s\n", strerror(errno));
+        finish(126);
+    }
+    /* PID 1 reaps every orphan; the command's own status is what we report. */
+    int status = 0;
+    for (;;) {
+        int st;
+        pid_t pid = wait(&st);
+        if (pid == child) {
+            status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+            break;
+        }
+        if (pid < 0 && errno == ECHILD)
+            break;
+    }
+    finish(status);
+    return 0;
+}

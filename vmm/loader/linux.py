@@ -1,0 +1,114 @@
+"""Put a Linux kernel, its initrd and command line into guest memory.
+
+The loader decides the boot path from the kernel file itself:
+
+* an ELF with the PVH note → PVH entry (32-bit, hvm_start_info in EBX);
+* any other x86-64 ELF → 64-bit boot protocol at the ELF entry, with a
+  minimal zero page;
+* a bzImage → 64-bit boot protocol at load address + 0x200, zero page with
+  the image's own setup header.
+
+It returns where to start and how; the builder sets up the vCPU accordingly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmm.arch.x86_64 import layout
+from vmm.errors import LoaderError
+from vmm.loader import bootparams, pvh
+from vmm.loader.bzimage import is_bzimage, parse_bzimage
+from vmm.loader.cmdline import DEFAULT_LIMIT, Cmdline
+from vmm.loader.e820 import e820_map
+from vmm.loader.elf import is_elf, parse_elf
+from vmm.memory import GuestMemory
+
+PAGE = 4096
+BZIMAGE_64BIT_ENTRY_OFFSET = 0x200  # startup_64 is 512 bytes into the protected-mode part
+
+
+@dataclass(frozen=True)
+class BootEntry:
+    mode: str  # "pvh" (32-bit protected mode) or "linux64" (64-bit boot protocol)
+    entry: int  # guest-physical address of the first instruction
+    boot_info: int  # EBX for PVH (hvm_start_info), RSI for linux64 (zero page)
+    kernel_format: str  # "vmlinux (PVH)", "vmlinux", "bzImage"
+    kernel_end: int  # first byte above the kernel's memory footprint
+
+
+def kernel_cmdline_limit(kernel: bytes) -> int:
+    if is_bzimage(kernel):
+        return parse_bzimage(kernel).cmdline_size
+    return DEFAULT_LIMIT
+
+
+def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> tuple[str, int, int, object]:
+    """Copy the kernel into RAM. Returns (format, entry, end, parsed)."""
+    if is_elf(kernel):
+        elf = parse_elf(kernel, name)
+        for segment in elf.segments:
+            _check_fits(memory, segment.paddr, segment.memsz, name, "kernel segment")
+            memory.write(segment.paddr, segment.data)
+            if segment.memsz > len(segment.data):  # .bss: RAM is zero already, but be explicit
+                memory.fill(segment.paddr + len(segment.data), segment.memsz - len(segment.data))
+        if elf.pvh_entry is not None:
+            return "vmlinux (PVH)", elf.pvh_entry, elf.highest, elf
+        return "vmlinux", elf.entry, elf.highest, elf
+    if is_bzimage(kernel):
+        image = parse_bzimage(kernel, name)
+        # A non-relocatable kernel must run where it was linked: pref_address.
+        load = image.pref_address if image.pref_address >= layout.HIGH_MEMORY else layout.KERNEL_LOAD
+        footprint = max(image.init_size, len(image.kernel))
+        _check_fits(memory, load, footprint, name, "kernel (with its init_size)")
+        memory.write(load, image.kernel)
+        return "bzImage", load + BZIMAGE_64BIT_ENTRY_OFFSET, load + footprint, image
+    raise LoaderError(f"{name}: not a kernel: neither a bzImage (no 'HdrS' header) nor an ELF")
+
+
+def _check_fits(memory: GuestMemory, address: int, size: int, name: str, what: str) -> None:
+    if not memory.is_valid(address, size):
+        raise LoaderError(
+            f"{name}: the {what} needs guest RAM {address:#x}-{address + size:#x}, "
+            f"more than --mem {memory.size >> 20}M gives"
+        )
+
+
+def place_initrd(memory: GuestMemory, initrd: bytes, kernel_end: int, max_address: int,
+                 name: str) -> tuple[int, int]:
+    """Put the initrd at the top of low RAM, page-aligned, below ``max_address``."""
+    low_ram_end = min(memory.regions[0].end, max_address + 1)
+    address = (low_ram_end - len(initrd)) & ~(PAGE - 1)
+    if address < kernel_end:
+        raise LoaderError(
+            f"{name}: the initrd ({len(initrd) >> 10} KiB) does not fit in guest RAM above the "
+            f"kernel; give the guest more --mem"
+        )
+    memory.write(address, initrd)
+    return address, len(initrd)
+
+
+def write_boot_info(memory: GuestMemory, fmt: str, parsed, cmdline: Cmdline, mem_size: int,
+                    initrd: tuple[int, int] | None) -> int:
+    """Command line, memory map and zero page or start info. Returns its address."""
+    encoded = cmdline.encode()
+    memory.write(layout.CMDLINE, encoded)
+    e820 = e820_map(mem_size)
+    if fmt == "vmlinux (PVH)":
+        modules = [initrd] if initrd else []
+        modlist = layout.PVH_MEMMAP + 24 * len(e820)
+        memory.write(layout.PVH_MEMMAP, pvh.build_memmap(e820))
+        if modules:
+            memory.write(modlist, pvh.build_modlist(modules))
+        memory.write(layout.PVH_START_INFO, pvh.build_start_info(
+            cmdline_address=layout.CMDLINE, memmap_address=layout.PVH_MEMMAP,
+            memmap_entries=len(e820), modlist_address=modlist if modules else 0,
+            nr_modules=len(modules),
+        ))
+        return layout.PVH_START_INFO
+    header = parsed.header_bytes if fmt == "bzImage" else None
+    memory.write(layout.ZERO_PAGE, bootparams.build_zero_page(
+        header, cmdline_address=layout.CMDLINE, cmdline_size=cmdline.limit, e820=e820,
+        initrd=initrd,
+    ))
+    return layout.ZERO_PAGE
