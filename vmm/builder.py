@@ -30,7 +30,7 @@ def _read_image(path: Path, what: str) -> bytes:
     except FileNotFoundError:
         raise LoaderError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise LoaderError(f"{path}: is a directory, not a {what}") from None
+        raise LoaderError(f"{path}: is a directory") from None
     except PermissionError:
         raise LoaderError(f"{path}: permission denied") from None
     except OSError as e:
@@ -188,6 +188,24 @@ def build_linux_vm(
 
     # 1. KVM, the VM and the platform KVM emulates for us: PIC, IOAPIC, LAPICs, PIT.
     kvm = Kvm()
+    try:
+        return _build_linux_machine(config, kvm, kernel, kernel_path, system_map, initrd,
+                                    initrd_path, cmdline, flavour, output, on_exit, on_reset)
+    except BaseException:
+        kvm.close()
+        raise
+
+
+def _build_linux_machine(config, kvm, kernel, kernel_path, system_map, initrd, initrd_path,
+                         cmdline, flavour, output, on_exit, on_reset) -> LinuxGuest:
+    from vmm.arch.x86_64 import mptable, pvm
+    from vmm.devices.i8042 import I8042
+    from vmm.devices.irq import IrqLine
+    from vmm.devices.legacy import BootTimer
+    from vmm.devices.rtc import CmosRtc
+    from vmm.loader import linux
+    from vmm.loader.e820 import ram_ranges
+
     if config.cpus > min(kvm.max_vcpus(), mptable_max_cpus()):
         raise UsageError(f"--cpus {config.cpus}: this host's KVM and vmm allow at most "
                          f"{min(kvm.max_vcpus(), mptable_max_cpus())}")
@@ -200,6 +218,24 @@ def build_linux_vm(
     # 2. Guest RAM, split around the 32-bit MMIO gap.
     memory = GuestMemory(ram_ranges(config.mem))
     machine = Machine(kvm, vm, memory, flavour=flavour)
+    try:
+        return _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd,
+                              initrd_path, cmdline, flavour, output, on_exit, on_reset)
+    except BaseException:
+        machine.close()
+        raise
+
+
+def _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd, initrd_path,
+                   cmdline, flavour, output, on_exit, on_reset) -> LinuxGuest:
+    from vmm.arch.x86_64 import mptable, pvm
+    from vmm.devices.i8042 import I8042
+    from vmm.devices.irq import IrqLine
+    from vmm.devices.legacy import BootTimer
+    from vmm.devices.rtc import CmosRtc
+    from vmm.loader import linux
+
+    kvm, vm, memory = machine.kvm, machine.vm, machine.memory
     machine.register_memory()
 
     # 3. The kernel, the initrd, the boot structures.

@@ -296,7 +296,10 @@ class Queue:
         """Follow ``next`` from ``head``, through at most one indirect table."""
         memory = self._mem()
         chain = DescriptorChain(head)
-        budget = self.size  # descriptors we may still visit, direct and indirect together
+        # Buffers we may still take, direct and indirect together. The indirect
+        # descriptor itself is only a pointer and does not count (as in Linux
+        # and QEMU: a table may hold as many entries as the queue has).
+        budget = self.size
         table, table_len = self.desc_table, self.size
         index, seen, in_indirect = head, set(), False
         saw_write = False
@@ -306,10 +309,7 @@ class Queue:
                 raise DescriptorIndexError(head, f"next index {index} past the {where} of {table_len}")
             if index in seen:
                 raise DescriptorLoopError(head, f"descriptor {index} visited twice")
-            if budget == 0:
-                raise ChainTooLongError(head, f"more than {self.size} descriptors")
             seen.add(index)
-            budget -= 1
             addr, length, flags, nxt = self._read_desc(head, table, index)
 
             if flags & VIRTQ_DESC_F_INDIRECT:
@@ -329,6 +329,9 @@ class Queue:
                 index, seen, in_indirect = 0, set(), True
                 continue
 
+            if budget == 0:
+                raise ChainTooLongError(head, f"more than {self.size} buffers")
+            budget -= 1
             if addr + length > _U64:
                 raise BufferAddressError(head, f"buffer {addr:#x}+{length:#x} wraps past 2**64")
             if not memory.is_valid(addr, length):

@@ -1,0 +1,26 @@
+"""`vmm image`: build the default guest's userspace images."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group()
+def image() -> None:
+    """Guest images: the default initramfs, an ext4 root file system."""
+
+
+@image.command()
+@click.argument("output", required=False, type=click.Path(dir_okay=False))
+def initramfs(output: str | None) -> None:
+    """Build the default initramfs (busybox + our /init); copy it to OUTPUT if given."""
+    import shutil
+
+    from vmm.images.initramfs import default_initramfs
+
+    path = default_initramfs(lambda line: click.echo(line, err=True))
+    if output:
+        shutil.copyfile(path, output)
+        path = output
+    size = __import__("os").path.getsize(path)
+    click.echo(f"{path} ({size / 1e6:.1f} MB, uncompressed newc cpio)")
