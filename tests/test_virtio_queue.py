@@ -118,6 +118,15 @@ def test_indirect_table_resolved(rings):
     assert buffers == [(0x10000, 16, False), (0x11000, 512, True), (0x12000, 1, True)]
 
 
+def test_indirect_table_as_long_as_the_queue(rings):
+    for i in range(8):
+        rings.desc(i, 0x10000, 8, N if i < 7 else 0, i + 1, table=0x20000)
+    rings.desc(0, 0x20000, 16 * 8, I)
+    rings.publish(0)
+    chain, _ = chain_of(rings)
+    assert len(chain) == 8
+
+
 def test_direct_descriptors_then_an_indirect_table(rings):
     table = 0x20000
     rings.desc(0, 0x10000, 16, N, 1)
