@@ -29,7 +29,11 @@ python loop
 loop itself costs (wall - time inside KVM_RUN as the loop measured it, / exits).
 For the bare loop it is not measured (timing each ioctl would be the very
 overhead the bare loop leaves out); ``kvm_run_ns_per_exit`` is the C loop's
-own measure of the time inside ``KVM_RUN``.
+own measure of the time inside ``KVM_RUN``. ``*_in_kvm_fraction``: the share of
+a loop's wall time spent inside ``KVM_RUN``, measured within each run, so it
+holds even when other work on the host makes runs differ from each other
+(``c_loop_vs_limit`` compares separate runs and is only as good as the host is
+quiet: see ``load_average_1min``).
 
 Exits counted: the whole run for the two vmm loops (N + 18 with the
 start and the console line), the `in` and the N `out`s for the bare loop.
@@ -194,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     user = {name: median(name, lambda r: (r["wall_ns"] - r["in_kvm_ns"]) / r["exits"])
             for name in ("c_loop", "python_loop")}
     kvm_run = median("c_loop", lambda r: r["in_kvm_ns"] / r["exits"])
+    # Within one run, so immune to the host's load changing between runs:
+    # the share of each loop's wall time spent inside KVM_RUN.
+    in_kvm = {name: median(name, lambda r: r["in_kvm_ns"] / r["wall_ns"])
+              for name in ("c_loop", "python_loop")}
 
     lines = [
         ("exits_per_run", str(args.n)),
@@ -208,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         ("kvm_run_ns_per_exit", f"{kvm_run:.0f}"),
         ("c_loop_user_ns_per_exit", f"{user['c_loop']:.0f}"),
         ("python_loop_user_ns_per_exit", f"{user['python_loop']:.0f}"),
+        ("c_loop_in_kvm_fraction", f"{in_kvm['c_loop']:.3f}"),
+        ("python_loop_in_kvm_fraction", f"{in_kvm['python_loop']:.3f}"),
+        ("load_average_1min", f"{os.getloadavg()[0]:.2f}"),
     ]
     for name, value in lines:
         print(f"{name} {value}")
