@@ -108,6 +108,8 @@ QUIET_CMDLINE = ("quiet", "loglevel=1")  # only emergencies (a panic) besides th
 
 def encode_argv(argv: tuple[str, ...]) -> str:
     """vmm.argv=...: each argument percent-encoded, separated by %00 (see images/init.c)."""
+    if any("\0" in arg for arg in argv):
+        raise UsageError("a command argument contains a NUL byte, which no argv can hold")
     def encode(arg: str) -> str:
         out = []
         for byte in arg.encode():

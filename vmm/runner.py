@@ -106,6 +106,11 @@ class Runner:
     def stopping(self) -> bool:
         return self.outcome is not None
 
+    @property
+    def vcpu_threads(self) -> list[threading.Thread]:
+        """The vCPU threads started so far (the profiler kicks them)."""
+        return list(self._threads)
+
     def _kick_all(self) -> None:
         for vcpu in self.vcpus:
             vcpu.request_immediate_exit()
@@ -195,13 +200,17 @@ class Runner:
         loop.run = vcpu.run_struct
         sinks: dict[int, Callable[[bytes], None]] = {}
         generation = None
+        returned: int | None = None
         try:
             while not self.stopping:
                 if self.trace is None and self.pio.fast_path_generation() != generation:
                     generation = self.pio.fast_path_generation()
                     sinks = self._load_rules(loop)
                 self._mark_first_run()
+                if returned is not None:  # Python's share: from the last return to now
+                    self.stats.add_times(0, time.perf_counter_ns() - returned)
                 result = lib.vmm_run_loop(loop)
+                returned = time.perf_counter_ns()
                 self._drain_output(loop, sinks)
                 if result == lib.VMM_LOOP_OUTPUT:
                     continue

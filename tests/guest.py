@@ -1,0 +1,49 @@
+"""Helpers for tests that boot our guest: the built kernel and a `vmm` subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# A boot takes ~35-55 s on our PVM CI host (guest kernel code is emulated);
+# generous limits keep a slow, shared machine from failing good runs.
+BOOT_TIMEOUT = 600
+
+
+def guest_kernel():
+    """The cached guest kernel's artifacts, building it if needed (CI builds it first)."""
+    from vmm.images.kernel import build_kernel, cached_kernel
+
+    return cached_kernel() or build_kernel()
+
+
+def vmm(*args: str, timeout: float = BOOT_TIMEOUT, input: bytes | None = None,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real CLI (`python -m vmm ...`) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "vmm", *args], capture_output=True, timeout=timeout,
+        input=input, env={**os.environ, **(env or {})},
+    )
+
+
+def decode_argv(encoded: str) -> list[str]:
+    """Python mirror of images/init.c's decode_argv, for round-trip tests."""
+    raw = bytearray()
+    i = 0
+    while i < len(encoded):
+        if encoded[i] == "%" and i + 2 < len(encoded) + 0 and all(
+            c in "0123456789abcdefABCDEF" for c in encoded[i + 1 : i + 3]
+        ) and len(encoded[i + 1 : i + 3]) == 2:
+            raw.append(int(encoded[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw += encoded[i].encode()
+            i += 1
+    return [part.decode() for part in bytes(raw).split(b"\0")]
+
+
+def kernel_path(name: str) -> Path:
+    artifacts = guest_kernel()
+    return {"bzImage": artifacts.bzimage, "vmlinux": artifacts.vmlinux}[name]

@@ -1,0 +1,206 @@
+"""Loaders and boot structures, checked byte by byte (no KVM needed)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.guest import decode_argv, guest_kernel
+from vmm.arch.x86_64 import layout
+from vmm.arch.x86_64.mptable import build_mptable
+from vmm.builder import encode_argv
+from vmm.errors import LoaderError
+from vmm.images.cpio import CpioWriter
+from vmm.loader.bootparams import build_zero_page
+from vmm.loader.bzimage import SETUP_HEADER_OFFSET, parse_bzimage
+from vmm.loader.cmdline import Cmdline
+from vmm.loader.e820 import E820_RAM, E820_RESERVED, e820_map, ram_ranges
+from vmm.loader.elf import parse_elf
+from vmm.loader.pvh import HVM_START_MAGIC, build_start_info
+
+
+@pytest.fixture(scope="module")
+def bzimage() -> bytes:
+    return guest_kernel().bzimage.read_bytes()
+
+
+def test_our_bzimage_header(bzimage: bytes) -> None:
+    image = parse_bzimage(bzimage)
+    assert image.version >= 0x020C
+    assert image.header["header"] == b"HdrS"
+    assert image.header["xloadflags"] & 1  # 64-bit entry
+    assert image.pref_address == 0x1000000
+    assert image.cmdline_size >= 255
+    assert image.init_size > len(image.kernel)
+    # The header we copy ends where the jump says (0x202 + byte at 0x201).
+    assert len(image.header_bytes) == 0x202 + bzimage[0x201] - SETUP_HEADER_OFFSET
+
+
+def test_our_vmlinux_has_the_pvh_note() -> None:
+    elf = parse_elf(guest_kernel().vmlinux.read_bytes())
+    assert elf.pvh_entry is not None and 0x1000000 <= elf.pvh_entry < elf.highest
+    assert elf.lowest == 0x1000000
+
+
+@pytest.mark.parametrize("offset,value,message", [
+    (0x202, b"XXXX", "not a bzImage"),
+    (0x1FE, b"\x00\x00", "bad boot flag"),
+    (0x206, struct.pack("<H", 0x0200), "too old"),
+    (0x236, struct.pack("<H", 0), "no 64-bit entry"),
+    (0x211, b"\x00", "zImage"),
+])
+def test_bad_bzimage_headers(bzimage: bytes, offset: int, value: bytes, message: str) -> None:
+    broken = bytearray(bzimage[:0x4000])
+    broken[offset : offset + len(value)] = value
+    with pytest.raises(LoaderError, match=message):
+        parse_bzimage(bytes(broken), "k")
+
+
+def test_truncated_files_are_refused() -> None:
+    with pytest.raises(LoaderError, match="too short"):
+        parse_bzimage(b"\0" * 100, "k")
+    with pytest.raises(LoaderError, match="malformed ELF|no loadable"):
+        parse_elf(b"\x7fELF" + b"\x02\x01\x01" + b"\0" * 40, "k")
+
+
+@pytest.fixture(scope="module")
+def header_page(bzimage: bytes) -> bytes:
+    return bzimage[:0x1000]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_corrupted_headers_never_crash_the_parser(header_page: bytes, data) -> None:
+    original = header_page
+    image = bytearray(original)
+    for _ in range(data.draw(st.integers(1, 8))):
+        at = data.draw(st.integers(SETUP_HEADER_OFFSET, 0x26C))
+        image[at] = data.draw(st.integers(0, 255))
+    try:
+        parse_bzimage(bytes(image), "fuzzed")
+    except LoaderError:
+        pass
+
+
+def test_e820_layout() -> None:
+    small = e820_map(512 << 20)
+    assert small[0] == (0, layout.EBDA_START, E820_RAM)
+    assert small[1] == (layout.EBDA_START, 0x100000 - layout.EBDA_START, E820_RESERVED)
+    assert small[2] == (0x100000, (512 << 20) - 0x100000, E820_RAM)
+    big = e820_map(5 << 30)
+    assert big[-2] == (0x100000, layout.MMIO_GAP_START - 0x100000, E820_RAM)
+    assert big[-1] == (1 << 32, (5 << 30) - layout.MMIO_GAP_START, E820_RAM)
+    assert ram_ranges(5 << 30) == [(0, layout.MMIO_GAP_START), (1 << 32, (5 << 30) - layout.MMIO_GAP_START)]
+
+
+def test_zero_page_fields(bzimage: bytes) -> None:
+    image = parse_bzimage(bzimage)
+    e820 = e820_map(256 << 20)
+    page = build_zero_page(image.header_bytes, cmdline_address=layout.CMDLINE, cmdline_size=2047,
+                           e820=e820, initrd=(0x0F000000, 0x123456))
+    assert len(page) == 4096
+    u8 = lambda off: page[off]
+    u16 = lambda off: struct.unpack_from("<H", page, off)[0]
+    u32 = lambda off: struct.unpack_from("<I", page, off)[0]
+    assert page[0x202:0x206] == b"HdrS"
+    assert u16(0x1FE) == 0xAA55
+    assert u8(0x210) == 0xFF  # type_of_loader: undefined
+    assert u8(0x211) & 0x80  # CAN_USE_HEAP
+    assert u32(0x228) == layout.CMDLINE  # cmd_line_ptr
+    assert u32(0x218) == 0x0F000000 and u32(0x21C) == 0x123456  # ramdisk
+    assert u8(0x1E8) == len(e820)
+    for i, (addr, size, kind) in enumerate(e820):
+        assert struct.unpack_from("<QQI", page, 0x2D0 + 20 * i) == (addr, size, kind)
+    # Nothing of the boot sector beyond the header leaks in (kernels pad it with 0xff).
+    assert page[:0x1E8] == bytes(0x1E8)
+    assert u32(0x238) == image.cmdline_size  # the kernel's own limit is kept
+
+
+def test_pvh_start_info() -> None:
+    info = build_start_info(cmdline_address=0x20000, memmap_address=0x6100, memmap_entries=3,
+                            modlist_address=0x6200, nr_modules=1)
+    magic, version, flags, nr_modules, modlist, cmdline, rsdp, memmap, entries = struct.unpack_from(
+        "<IIIIQQQQI", info)
+    assert (magic, version, nr_modules, modlist, cmdline, rsdp, memmap, entries) == (
+        HVM_START_MAGIC, 1, 1, 0x6200, 0x20000, 0, 0x6100, 3)
+    assert len(info) == 56
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 8])
+def test_mptable(cpus: int) -> None:
+    table = build_mptable(cpus, layout.MPTABLE)
+    assert table[:4] == b"_MP_"
+    assert sum(table[:16]) % 256 == 0  # floating pointer checksum
+    physptr = struct.unpack_from("<I", table, 4)[0]
+    assert physptr == layout.MPTABLE + 16
+    config = table[16:]
+    assert config[:4] == b"PCMP"
+    length, spec, _, = struct.unpack_from("<HBB", config, 4)
+    assert length == len(config) and spec == 4
+    assert sum(config) % 256 == 0
+    entries = struct.unpack_from("<H", config, 34)[0]
+    assert struct.unpack_from("<I", config, 36)[0] == layout.LAPIC_BASE
+    at = 44
+    processors = []
+    for _ in range(entries):
+        kind = config[at]
+        if kind == 0:
+            processors.append((config[at + 1], config[at + 3]))
+            at += 20
+        else:
+            at += 8
+    assert at == len(config)
+    assert processors == [(i, 1 | (2 if i == 0 else 0)) for i in range(cpus)]
+    assert len(table) <= 0xA0000 - layout.MPTABLE  # fits in the EBDA
+
+
+def test_nul_in_argv_is_refused() -> None:
+    from vmm.errors import UsageError
+
+    with pytest.raises(UsageError, match="NUL"):
+        encode_argv(("a\0b",))
+
+
+def test_cmdline_limit() -> None:
+    line = Cmdline(limit=20).add("console=ttyS0", "quiet")
+    assert line.encode() == b"console=ttyS0 quiet\0"
+    with pytest.raises(LoaderError, match="longer than the kernel accepts"):
+        line.add("x" * 10).encode()
+
+
+@given(st.lists(st.text(st.characters(blacklist_characters="\0"), max_size=20), min_size=1, max_size=6))
+def test_argv_encoding_round_trips(argv: list[str]) -> None:
+    encoded = encode_argv(tuple(argv))
+    assert encoded.startswith("vmm.argv=")
+    value = encoded.removeprefix("vmm.argv=")
+    assert " " not in value and "\n" not in value and '"' not in value
+    assert decode_argv(value) == argv
+
+
+def test_cpio_newc_layout() -> None:
+    archive = CpioWriter()
+    archive.directory("bin")
+    archive.file("init", b"#!/bin/sh\n", 0o755)
+    archive.symlink("bin/sh", "/bin/busybox")
+    archive.char_device("dev/console", 5, 1)
+    data = archive.finish()
+    assert data.startswith(b"070701")
+    assert len(data) % 512 == 0
+    assert b"TRAILER!!!\0" in data
+    # Each header: 6-byte magic + 13 eight-digit hex fields; the name follows.
+    names = []
+    at = 0
+    while True:
+        fields = [int(data[at + 6 + 8 * i : at + 14 + 8 * i], 16) for i in range(13)]
+        namesize, filesize = fields[11], fields[6]
+        name = data[at + 110 : at + 110 + namesize - 1].decode()
+        names.append(name)
+        if name == "TRAILER!!!":
+            break
+        at += 110 + namesize
+        at += -at % 4
+        at += filesize + (-filesize % 4)
+    assert names == ["bin", "init", "bin/sh", "dev/console", "TRAILER!!!"]
