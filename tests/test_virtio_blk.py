@@ -34,7 +34,6 @@ from vmm.memory import GuestMemory
 from virtio_driver import (
     AVAIL_RING,
     EVENT_IDX,
-    INDIRECT_DESC,
     RAM_SIZE,
     VERSION_1,
     DriverError,

@@ -59,7 +59,7 @@ SHM_LEN_LOW = 0x0B0
 SHM_LEN_HIGH = 0x0B4
 SHM_BASE_LOW = 0x0B8
 SHM_BASE_HIGH = 0x0BC
-QUEUE_RESET = 0x0C0
+QUEUE_RESET = 0x0C0  # virtio 1.2, only with VIRTIO_F_RING_RESET: not offered, reads 0
 CONFIG_GENERATION = 0x0FC
 CONFIG = 0x100
 WINDOW_SIZE = 0x1000
@@ -272,7 +272,7 @@ class VirtioMmioTransport:
         elif offset == SHM_SEL:
             self.shm_sel = value
         elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
-                        QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH, QUEUE_RESET):
+                        QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
             self._write_queue_register(offset, value)
         else:
             self._error("write to a read-only or reserved register", f"{offset:#x} = {value:#x}")
@@ -292,10 +292,6 @@ class VirtioMmioTransport:
         queue = self._selected()
         if queue is None:
             self._error("queue register of a queue that does not exist", f"queue {self.queue_sel}")
-            return
-        if offset == QUEUE_RESET:
-            if value == 1:
-                queue.reset()
             return
         if offset == QUEUE_READY:
             self._write_queue_ready(queue, value)
