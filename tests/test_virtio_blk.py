@@ -566,7 +566,7 @@ def test_notifications_suppressed_while_the_device_works(image, features):
 def test_counters_for_benchmarks(rig):
     for sector in range(4):
         rig.driver.read(sector, 1)
-    assert (rig.transport.notifications, rig.transport.interrupts, rig.device.requests) == (4, 4, 4)
+    assert (rig.transport.notifications, rig.transport.interrupts, rig.transport.requests) == (4, 4, 4)
 
 
 # --- hostile chains: answered, never raised, the image untouched -------------------------------------------

@@ -78,6 +78,8 @@ def test_single_descriptor(rings):
     rings.publish(3)
     chain, buffers = chain_of(rings)
     assert chain.head == 3 and buffers == [(0x10000, 512, True)]
+    assert chain.buffers == [(0x10000, 512, True)]  # Buffers are (addr, len, is_write) tuples
+    assert chain.buffers[0].len == 512 and chain.buffers[0].is_write
     assert rings.queue.pop() is None
 
 

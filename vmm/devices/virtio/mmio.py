@@ -160,6 +160,11 @@ class VirtioMmioTransport:
         self._update_level()
 
     @property
+    def requests(self) -> int:
+        """Requests the device has handled (for per-MB statistics)."""
+        return getattr(self.device, "requests", 0)
+
+    @property
     def negotiated_features(self) -> int:
         return self.driver_features & self.device.features
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from vmm.errors import GuestMemoryError
 from vmm.memory import GuestMemory
@@ -109,8 +109,7 @@ class DescriptorOrderError(ChainError):
 
 
 # --- a walked chain ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Buffer:
+class Buffer(NamedTuple):
     """One guest buffer of a chain, already checked to lie inside guest RAM."""
 
     addr: int
