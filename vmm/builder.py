@@ -247,6 +247,7 @@ def _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd, ini
     if initrd is not None:
         max_address = parsed.initrd_addr_max if fmt == "bzImage" else layout.MMIO_GAP_START - 1
         initrd_place = linux.place_initrd(memory, initrd, kernel_end, max_address, str(initrd_path))
+    machine.phases["loaded"] = time.monotonic_ns()
 
     # 4. Devices: create, wire the IRQ, register on the bus, extend the command line.
     cmdline.add(*BASE_CMDLINE)

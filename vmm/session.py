@@ -68,15 +68,22 @@ class PanicWatcher:
 
     def __init__(self) -> None:
         self.panicked = False
-        self.message = ""
+        self._line = b""  # the panic line, collected until its newline arrives
         self._tail = b""
 
+    @property
+    def message(self) -> str:
+        return self._line.split(b"\n")[0].decode(errors="replace").strip()
+
     def __call__(self, data: bytes) -> None:
+        if self.panicked:
+            if b"\n" not in self._line and len(self._line) < 512:
+                self._line += data
+            return
         window = self._tail + data
-        if not self.panicked and self.MARKER in window:
+        if self.MARKER in window:
             self.panicked = True
-            line = window[window.index(self.MARKER):].split(b"\n")[0]
-            self.message = line.decode(errors="replace").strip()
+            self._line = window[window.index(self.MARKER):]
         self._tail = window[-len(self.MARKER):]
 
 
@@ -87,6 +94,8 @@ def run_linux(
     stderr: TextIO | None = None,
     stdin=None,
     handle_signals: bool = True,
+    profile=None,  # vmm.profiler.ProfileOptions: sample guest RIPs (--profile)
+    initcalls: bool = False,  # summarize initcall_debug lines at exit (--initcalls)
 ) -> RunResult:
     """Boot Linux, run the command (or a shell), return the guest's exit status."""
     import time
@@ -97,6 +106,12 @@ def run_linux(
     stderr = stderr or sys.stderr
     panic = PanicWatcher()
     output = ConsoleOutput(stdout, watchers=[panic])
+    initcall_watch = None
+    if initcalls:
+        from vmm.profiler import InitcallWatcher
+
+        initcall_watch = InitcallWatcher()
+        output.watchers.append(initcall_watch)
     runner_box: list[Runner] = []
 
     def on_exit(status: int) -> None:
@@ -126,7 +141,18 @@ def run_linux(
         runner_box.append(runner)
         if handle_signals:
             install_stop_signals(runner)
-        outcome = _run_with_console(runner, guest, config, stdin)
+        profiler = None
+        if profile is not None:
+            from vmm.profiler import Profiler
+
+            profiler = Profiler(machine.memory, hz=profile.hz)
+            runner.tick = profiler.tick
+            profiler.start(lambda: runner.vcpu_threads)
+        try:
+            outcome = _run_with_console(runner, guest, config, stdin)
+        finally:
+            if profiler is not None:
+                profiler.stop()
         if outcome.reason in ("triple fault", "guest reset") and panic.panicked:
             outcome = Outcome(EXIT_GUEST_PANIC, "guest kernel panic", panic.message)
         machine.phases["first_kvm_run"] = runner.first_run_ns or 0
@@ -136,6 +162,14 @@ def run_linux(
                 machine.phases[name] = guest.boot_timer.marks[mark]
         machine.phases["guest_finished"] = time.monotonic_ns()
         report(outcome, runner, machine, config, stderr)
+        if profiler is not None:
+            from vmm.loader.symbols import SymbolTable
+
+            symbols_path = profile.symbols or guest.system_map
+            profiler.summary(SymbolTable.from_system_map(symbols_path) if symbols_path else None,
+                             top=profile.top, out=stderr, folded=profile.out)
+        if initcall_watch is not None:
+            print(initcall_watch.format(), file=stderr)
         return RunResult(outcome, runner.stats, machine.phases)
     finally:
         machine.close()

@@ -6,12 +6,16 @@ status; a traceback means a bug in vmm.
 
 from __future__ import annotations
 
-import sys
+import time
 
-import click
+START_NS = time.monotonic_ns()  # phase cli_start of `vmm run --metrics` (vmm/bench/phases.py)
 
-from vmm import __version__
-from vmm.errors import VmmError
+import sys  # noqa: E402
+
+import click  # noqa: E402
+
+from vmm import __version__  # noqa: E402
+from vmm.errors import VmmError  # noqa: E402
 
 EXIT_VMM_ERROR = 125  # as vmm.runner.EXIT_VMM_ERROR (not imported: keep start-up light)
 

@@ -67,6 +67,10 @@ def initramfs_key(busybox: Path) -> str:
 
 def default_initramfs(progress=None) -> Path:
     """The cached default initramfs, built on first use."""
+    from vmm.images.host import ensure_packages
+
+    if not any(Path(c).is_file() for c in BUSYBOX_CANDIDATES) or not shutil.which("musl-gcc"):
+        ensure_packages(["busybox-static", "musl-tools"], progress)
     busybox = find_busybox()
     target = cache_root() / "initramfs" / initramfs_key(busybox) / "initramfs.cpio"
     if target.exists():

@@ -1,0 +1,43 @@
+"""Host packages the guest images are built from, installed on first use when we can.
+
+Building the default guest needs Debian's busybox-static (the guest's
+userspace), musl-tools (a small static /init) and e2fsprogs (ext4 images).
+As root on Debian we install what is missing, as guest-kernel/build.sh does
+for the kernel; otherwise we say exactly what to install.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+from vmm.errors import GuestBuildError
+
+
+def _installed(package: str) -> bool:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
+                            capture_output=True, text=True)
+    return result.returncode == 0 and "install ok installed" in result.stdout
+
+
+def ensure_packages(packages: list[str], progress=None) -> None:
+    """apt-get install the missing ones when root on Debian; else raise with the command."""
+    if not shutil.which("dpkg-query"):
+        return  # not Debian: the caller's own checks say what is missing
+    missing = [p for p in packages if not _installed(p)]
+    if not missing:
+        return
+    command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    if os.geteuid() != 0:
+        raise GuestBuildError(f"missing packages: run 'sudo {' '.join(command[:2])} {' '.join(missing)}'")
+    if progress:
+        progress(f"installing {' '.join(missing)} (apt-get)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["?"])[-1]
+        raise GuestBuildError(f"apt-get install {' '.join(missing)} failed: {last}")
