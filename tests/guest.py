@@ -19,11 +19,11 @@ def guest_kernel():
     return cached_kernel() or build_kernel()
 
 
-def vmm(*args: str, timeout: float = BOOT_TIMEOUT, input: bytes | None = None,
+def vmm_run(*args: str, timeout: float = BOOT_TIMEOUT, input: bytes | None = None,
         env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the real CLI (`python -m vmm ...`) and capture its output."""
+    """Run the real CLI (`python -m vmm run ARGS...`) and capture its output."""
     return subprocess.run(
-        [sys.executable, "-m", "vmm", *args], capture_output=True, timeout=timeout,
+        [sys.executable, "-m", "vmm", "run", *args], capture_output=True, timeout=timeout,
         input=input, env={**os.environ, **(env or {})},
     )
 

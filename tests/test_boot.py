@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from tests.guest import BOOT_TIMEOUT, guest_kernel, vmm
+from tests.guest import BOOT_TIMEOUT, guest_kernel, vmm_run
 from vmm.kvm.flavour import detect_flavour
 from vmm.runner import EXIT_GUEST_PANIC, EXIT_TIMEOUT
 
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.boot, pytest.mark.kvm]
 def test_command_output_argv_and_exit_status() -> None:
     """vmlinux/PVH: argv survives the kernel command line; the status comes back."""
     tricky = ["a b", '"quoted"', "$HOME", "ü", "", "--", "x=1 y"]
-    result = vmm("--", "sh", "-c", 'printf "[%s]" "$@"; echo; uname -sr; exit 7', "sh", *tricky)
+    result = vmm_run("--", "sh", "-c", 'printf "[%s]" "$@"; echo; uname -sr; exit 7', "sh", *tricky)
     out = result.stdout.decode()
     assert result.returncode == 7, result.stderr.decode()
     assert out.splitlines()[0] == "".join(f"[{a}]" for a in tricky)
@@ -39,26 +39,26 @@ def test_command_output_argv_and_exit_status() -> None:
 
 def test_bzimage_boot() -> None:
     """The bzImage path: setup header, zero page, 64-bit entry, LZ4 decompressor."""
-    result = vmm("--kernel", str(guest_kernel().bzimage), "--", "echo", "booted from bzImage")
+    result = vmm_run("--kernel", str(guest_kernel().bzimage), "--", "echo", "booted from bzImage")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode() == "booted from bzImage\n"
 
 
 def test_two_cpus() -> None:
-    result = vmm("--cpus", "2", "--", "nproc")
+    result = vmm_run("--cpus", "2", "--", "nproc")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().strip() == "2"
 
 
 def test_kernel_panic_has_its_own_status() -> None:
-    result = vmm("--cmdline", "rdinit=/no/such/init")
+    result = vmm_run("--cmdline", "rdinit=/no/such/init")
     assert result.returncode == EXIT_GUEST_PANIC, result.stderr.decode()
     assert "Kernel panic" in result.stderr.decode()
 
 
 def test_timeout() -> None:
     started = time.monotonic()
-    result = vmm("--timeout", "3", "--", "sleep", "1000")
+    result = vmm_run("--timeout", "3", "--", "sleep", "1000")
     assert result.returncode == EXIT_TIMEOUT
     assert "timeout" in result.stderr.decode()
     assert time.monotonic() - started < 30
@@ -69,7 +69,7 @@ def test_pvm_syscall_patch_is_what_makes_userspace_work() -> None:
 
     On hardware KVM the patch is inert and the option changes nothing.
     """
-    result = vmm("--cmdline", "pvm_syscall_fixup=0", "--", "true")
+    result = vmm_run("--cmdline", "pvm_syscall_fixup=0", "--", "true")
     if detect_flavour() == "pvm":
         assert result.returncode == EXIT_GUEST_PANIC, result.stderr.decode()
         assert "Attempted to kill init" in result.stderr.decode()

@@ -24,3 +24,20 @@ def initramfs(output: str | None) -> None:
         path = output
     size = __import__("os").path.getsize(path)
     click.echo(f"{path} ({size / 1e6:.1f} MB, uncompressed newc cpio)")
+
+
+@image.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--size", default="64M", show_default=True, help="Image size (e.g. 64M, 1G).")
+def rootfs(output: str, size: str) -> None:
+    """Build an ext4 root file system with the default guest userspace.
+
+    Boot with it: vmm run --disk OUTPUT --root /dev/vda -- CMD
+    """
+    from pathlib import Path
+
+    from vmm.config import parse_size
+    from vmm.images.rootfs import build_rootfs
+
+    build_rootfs(Path(output), parse_size(size, "--size"), lambda line: click.echo(line, err=True))
+    click.echo(f"{output} ({size}, ext4)")

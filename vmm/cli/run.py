@@ -17,6 +17,7 @@ import click
 @click.option("--cpus", default=1, type=int, show_default=True, help="Number of vCPUs.")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
               help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order).")
+@click.option("--root", metavar="DEV", help="Run the command inside this disk's file system (e.g. /dev/vda).")
 @click.option("--runloop", type=click.Choice(["c", "python"]), default="c", show_default=True,
               help="The vCPU loop: C (fast) or pure Python (readable).")
 @click.option("--trace", is_flag=True, help="Print one line per exit to stderr.")
@@ -34,7 +35,7 @@ import click
 @click.option("--metrics", metavar="FILE",
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, runloop, trace, stats, timeout,
+def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, runloop, trace, stats, timeout,
         console_log, profile, profile_out, symbols, initcalls, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status."""
     from vmm.config import DiskConfig, VmConfig, parse_size
@@ -57,7 +58,7 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, runloop, trace, sta
         cmdline, console_log = f"{cmdline} initcall_debug loglevel=8".strip(), True
     config = VmConfig(
         mem=mem_bytes, cpus=cpus, firmware=firmware, kernel=kernel, initrd=initrd,
-        cmdline=cmdline, command=tuple(command),
+        cmdline=f"{cmdline} vmm.root={root}" if root else cmdline, command=tuple(command),
         disks=tuple(DiskConfig.parse(d) for d in disks),
         runloop=runloop, trace=trace, stats=stats, timeout=timeout, console_log=console_log,
         interactive=not command and sys.stdin.isatty(),

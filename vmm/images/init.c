@@ -3,8 +3,10 @@
  *
  * 1. mount /proc, /sys and /dev (devtmpfs);
  * 2. tell vmm "init reached" through the boot-timer port;
- * 3. if vmm.root=DEV is on the kernel command line, mount DEV and run the
- *    command inside it (chroot), so any Linux root file system works;
+ * 3. if vmm.root=DEV (or root=DEV) is on the kernel command line and we run
+ *    from the initramfs, mount DEV and run the command inside it (chroot), so
+ *    any Linux root file system works; booted without an initramfs
+ *    (--initrd none root=/dev/vda), the kernel mounted it already;
  * 4. run the command vmm passed as vmm.argv=... (each argument
  *    percent-encoded, arguments separated by %00, so any argv survives the
  *    kernel's command-line parser), or an interactive shell when there is none;
@@ -29,6 +31,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -117,6 +120,16 @@ static int cmdline_value(const char *cmdline, const char *key, char *buf, size_t
     return 0;
 }
 
+/* Is the bare word (like "ro") on the kernel command line? */
+static int cmdline_flag(const char *cmdline, const char *word)
+{
+    size_t len = strlen(word);
+    for (const char *p = cmdline; (p = strstr(p, word)) != NULL; p += len)
+        if ((p == cmdline || p[-1] == ' ') && (p[len] == ' ' || p[len] == '\n' || p[len] == '\0'))
+            return 1;
+    return 0;
+}
+
 static void mount_or_warn(const char *src, const char *dst, const char *type)
 {
     mkdir(dst, 0755);
@@ -124,12 +137,22 @@ static void mount_or_warn(const char *src, const char *dst, const char *type)
         dprintf(2, "vmm-init: mount %s on %s: %s\n", type, dst, strerror(errno));
 }
 
-static void enter_root(const char *device)
+#define RAMFS_MAGIC 0x858458f6
+#define TMPFS_MAGIC 0x01021994
+
+/* Are we the initramfs's /init (root on ramfs), or /sbin/init on a real disk? */
+static int running_from_initramfs(void)
+{
+    struct statfs fs;
+    return statfs("/", &fs) == 0 && (fs.f_type == RAMFS_MAGIC || fs.f_type == TMPFS_MAGIC);
+}
+
+static void enter_root(const char *device, int read_only)
 {
     static const char *types[] = {"ext4", "ext3", "ext2", "btrfs", "xfs", "vfat", NULL};
     mkdir("/newroot", 0755);
     for (const char **t = types; *t; t++)
-        if (mount(device, "/newroot", *t, 0, NULL) == 0)
+        if (mount(device, "/newroot", *t, read_only ? MS_RDONLY : 0, NULL) == 0)
             goto mounted;
     dprintf(2, "vmm-init: cannot mount root %s: %s\n", device, strerror(errno));
     finish(126);
@@ -172,8 +195,10 @@ int main(void)
 
     pid_t child = fork();
     if (child == 0) {
-        if (cmdline_value(cmdline, "vmm.root", root, sizeof(root)))
-            enter_root(root);
+        if (running_from_initramfs() &&
+            (cmdline_value(cmdline, "vmm.root", root, sizeof(root)) ||
+             cmdline_value(cmdline, "root", root, sizeof(root))))
+            enter_root(root, cmdline_flag(cmdline, "ro"));
         if (interactive) {
             /* A session with the console as controlling tty: job control, ^C. */
             setsid();

@@ -103,18 +103,43 @@ def busybox_applets(busybox: Path) -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
+def userspace_tree(busybox: Path) -> list[tuple]:
+    """The default guest's files, as (kind, path, ...) entries.
+
+    One description serves both the initramfs (cpio) and the ext4 root file
+    system image (vmm/images/rootfs.py). Kinds: ("dir", path), ("file", path,
+    data, mode), ("symlink", path, target), ("chardev", path, major, minor, mode).
+    """
+    init = compile_init()
+    tree: list[tuple] = [("dir", d) for d in DIRECTORIES]
+    tree += [
+        ("chardev", "dev/console", 5, 1, 0o600),  # the kernel opens it for init's stdio
+        ("chardev", "dev/null", 1, 3, 0o666),
+        ("file", "init", init, 0o755),  # the initramfs's entry point
+        ("file", "bin/busybox", busybox.read_bytes(), 0o755),
+    ]
+    for applet in busybox_applets(busybox):
+        if applet not in ("bin/busybox", "sbin/init"):
+            tree.append(("symlink", applet, "/bin/busybox"))
+    # Booted from a disk without an initramfs, the kernel runs /sbin/init: ours.
+    tree.append(("symlink", "sbin/init", "/init"))
+    tree += [
+        ("file", "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644),
+        ("file", "etc/group", b"root:x:0:\n", 0o644),
+        ("file", "etc/hostname", b"vmm\n", 0o644),
+    ]
+    return tree
+
+
 def build_initramfs(busybox: Path) -> bytes:
     archive = CpioWriter()
-    for directory in DIRECTORIES:
-        archive.directory(directory)
-    archive.char_device("dev/console", 5, 1)  # the kernel opens it for init's stdio
-    archive.char_device("dev/null", 1, 3, 0o666)
-    archive.file("init", compile_init(), 0o755)
-    archive.file("bin/busybox", busybox.read_bytes(), 0o755)
-    for applet in busybox_applets(busybox):
-        if applet != "bin/busybox":
-            archive.symlink(applet, "/bin/busybox")
-    archive.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
-    archive.file("etc/group", b"root:x:0:\n")
-    archive.file("etc/hostname", b"vmm\n")
+    for kind, path, *rest in userspace_tree(busybox):
+        if kind == "dir":
+            archive.directory(path)
+        elif kind == "file":
+            archive.file(path, rest[0], rest[1])
+        elif kind == "symlink":
+            archive.symlink(path, rest[0])
+        elif kind == "chardev":
+            archive.char_device(path, rest[0], rest[1], rest[2])
     return archive.finish()
