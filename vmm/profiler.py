@@ -74,6 +74,37 @@ def walk_frames(read_u64: Callable[[int], int | None], rbp: int, depth: int) -> 
     return chain
 
 
+def follows_call(code: bytes) -> bool:
+    """True when ``code`` (the 8 bytes before an address) ends with a call instruction.
+
+    Recognizes ``call rel32`` (E8 xx xx xx xx) and the indirect ``call`` forms
+    (FF /2) with a register, disp8 or disp32/RIP-relative operand: what a
+    return address on the stack is preceded by.
+    """
+    if len(code) < 8:
+        return False
+    if code[-5] == 0xE8:
+        return True
+    for length, mod in ((2, 3), (3, 1), (6, 2), (6, 0)):
+        op, modrm = code[-length], code[-length + 1]
+        if op == 0xFF and (modrm & 0x38) == 0x10 and (modrm >> 6) == mod:
+            if mod != 0 or (modrm & 7) == 5:  # mod 0: only the RIP-relative form is 6 bytes
+                return True
+    return False
+
+
+def leaf_caller(read_u64: Callable[[int], int | None], read_code: Callable[[int], bytes | None],
+                rsp: int, frame_caller: int | None) -> int | None:
+    """The caller of a function that has not set up a frame (asm leaves such as
+    memset/memcpy/clear_page, or a function at its first instruction): the
+    return address at [RSP], when it is one and the RBP chain missed it."""
+    ret = read_u64(rsp) if rsp >= USER_TOP else None
+    if ret is None or ret < KERNEL_TEXT_MAP or ret == frame_caller:
+        return None
+    code = read_code(ret - 8)
+    return ret if code is not None and follows_call(code) else None
+
+
 @dataclass
 class Samples:
     """Raw samples: (stack, count), the stack innermost first as addresses."""
@@ -196,7 +227,9 @@ class Profiler:
         regs = vcpu.get_regs()
         rip = regs.rip
         if rip >= USER_TOP:
-            stack = (rip, *walk_frames(self._read_u64, regs.rbp, self.depth))
+            chain = walk_frames(self._read_u64, regs.rbp, self.depth)
+            leaf = leaf_caller(self._read_u64, self._read_code, regs.rsp, chain[0] if chain else None)
+            stack = (rip, leaf, *chain) if leaf is not None else (rip, *chain)
         else:
             stack = (rip,)
         with self._lock:
@@ -208,6 +241,12 @@ class Profiler:
         if pa is None or not self.memory.is_valid(pa, 8):
             return None
         return self.memory.read_u64(pa)
+
+    def _read_code(self, va: int) -> bytes | None:
+        pa = guest_virt_to_phys(va)
+        if pa is None or not self.memory.is_valid(pa, 8):
+            return None
+        return self.memory.read(pa, 8)
 
     # --- the sampler thread ------------------------------------------------------------
     def start(self, threads: Callable[[], Iterable[threading.Thread]]) -> None:
@@ -323,5 +362,5 @@ class InitcallWatcher:
 
 __all__ = [
     "Profiler", "Samples", "Symbolizer", "Report", "build_report", "format_report",
-    "write_folded", "walk_frames", "ProfileOptions", "guest_virt_to_phys", "parse_hz", "InitcallWatcher",
+    "write_folded", "walk_frames", "ProfileOptions", "follows_call", "leaf_caller", "guest_virt_to_phys", "parse_hz", "InitcallWatcher",
 ]
