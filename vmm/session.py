@@ -94,6 +94,7 @@ def run_linux(
     stderr: TextIO | None = None,
     stdin=None,
     handle_signals: bool = True,
+    recorder=None,  # vmm.bench.phases.PhaseRecorder (--boot-timer, --metrics)
     profile=None,  # vmm.profiler.ProfileOptions: sample guest RIPs (--profile)
     initcalls: bool = False,  # summarize initcall_debug lines at exit (--initcalls)
 ) -> RunResult:
@@ -161,6 +162,8 @@ def run_linux(
             if mark in guest.boot_timer.marks:
                 machine.phases[name] = guest.boot_timer.marks[mark]
         machine.phases["guest_finished"] = time.monotonic_ns()
+        if recorder is not None:
+            recorder.before_close(machine, guest)
         report(outcome, runner, machine, config, stderr)
         if profiler is not None:
             from vmm.loader.symbols import SymbolTable
