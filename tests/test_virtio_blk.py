@@ -718,6 +718,18 @@ def test_avail_idx_jumping_ahead_needs_reset(rig):
     assert rig.driver.read(0, 1).data == before[:512]
 
 
+def test_requests_before_a_broken_entry_still_complete(rig):
+    d = rig.driver
+    d.reset_heap()
+    good = d.prepare(VIRTIO_BLK_T_IN, 0, in_len=512)
+    d.publish(16)  # then a head past the table
+    d.notify()
+    assert d.status & mmio.STATUS_NEEDS_RESET
+    assert d.r32(mmio.INTERRUPT_STATUS) == mmio.INT_USED_RING | mmio.INT_CONFIG
+    d.finish([good])
+    assert good.status == VIRTIO_BLK_S_OK and good.data == rig.image()[:512]
+
+
 def test_head_index_past_queue_needs_reset(rig):
     before = rig.image()
     rig.driver.publish(16)

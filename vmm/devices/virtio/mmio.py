@@ -22,7 +22,7 @@ import threading
 from collections import Counter
 from typing import Callable, Protocol
 
-from vmm.devices.virtio.queue import ChainError, DescriptorChain, Queue, RingError
+from vmm.devices.virtio.queue import ChainError, DescriptorChain, Queue, QueueError, RingError
 from vmm.memory import GuestMemory
 
 log = logging.getLogger(__name__)
@@ -396,6 +396,11 @@ class VirtioMmioTransport:
             self._process(queue_index, queue)
         except RingError as e:
             self._needs_reset(f"{type(e).__name__}: queue {queue_index}: {e}")
+            try:  # chains finished before the ring broke still deserve their interrupt
+                if queue.needs_notification():
+                    self._signal(INT_USED_RING)
+            except QueueError:
+                pass
         except Exception as e:  # a bug in vmm, not the guest's fault; still never kill the vCPU
             log.exception("%s: internal error on queue %d", self.name, queue_index)
             self.errors["internal error"] += 1
