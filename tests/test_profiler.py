@@ -214,3 +214,12 @@ def test_profiled_boot_writes_folded_stacks_of_real_functions(tmp_path) -> None:
             assert frame in known or frame in ("[user]", "[unknown]"), frame
             kernel_frames += frame in known
     assert kernel_frames > 0
+
+
+def test_pvm_clearcpuid_fits_the_kernels_buffer() -> None:
+    """cpu_parse_early_param() reads clearcpuid= into char arg[128]: longer is cut silently."""
+    from vmm.arch.x86_64.pvm import PVM_CMDLINE
+
+    (option,) = [o for o in PVM_CMDLINE if o.startswith("clearcpuid=")]
+    assert len(option.removeprefix("clearcpuid=")) <= 127
+    assert "erms" in option.split("=")[1].split(",")  # the diet: no byte-wise rep movsb/stosb
