@@ -41,7 +41,7 @@ def decode_argv(encoded: str) -> list[str]:
         else:
             raw += encoded[i].encode()
             i += 1
-    return [part.decode() for part in bytes(raw).split(b"\0")]
+    return [os.fsdecode(part) for part in bytes(raw).split(b"\0")]
 
 
 def kernel_path(name: str) -> Path:

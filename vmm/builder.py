@@ -9,6 +9,8 @@ vCPUs. Linux guests add boot structures (vmm/loader) and the platform pieces
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -116,7 +118,7 @@ def encode_argv(argv: tuple[str, ...]) -> str:
         raise UsageError("a command argument contains a NUL byte, which no argv can hold")
     def encode(arg: str) -> str:
         out = []
-        for byte in arg.encode():
+        for byte in os.fsencode(arg):  # argv may hold undecodable bytes (surrogateescape)
             ch = chr(byte)
             if ch.isascii() and (ch.isalnum() or ch in "-_.,/:=+@^"):
                 out.append(ch)
@@ -175,11 +177,6 @@ def build_linux_vm(
     progress: Callable[[str], None],
 ) -> LinuxGuest:
     """The boot recipe for a Linux guest, step by step."""
-    from vmm.arch.x86_64 import mptable, pvm
-    from vmm.devices.i8042 import I8042
-    from vmm.devices.irq import IrqLine
-    from vmm.devices.legacy import BootTimer
-    from vmm.devices.rtc import CmosRtc
     from vmm.loader import linux
     from vmm.loader.cmdline import Cmdline
     from vmm.loader.e820 import ram_ranges
@@ -193,47 +190,35 @@ def build_linux_vm(
     flavour = detect_flavour()
 
     # 1. KVM, the VM and the platform KVM emulates for us: PIC, IOAPIC, LAPICs, PIT.
-    kvm = Kvm()
-    try:
-        return _build_linux_machine(config, kvm, kernel, kernel_path, system_map, initrd,
-                                    initrd_path, cmdline, flavour, output, on_exit, on_reset)
-    except BaseException:
-        kvm.close()
-        raise
+    #    Whatever is created is released again if a later step fails.
+    with contextlib.ExitStack() as undo:
+        kvm = Kvm()
+        undo.callback(kvm.close)
+        if config.cpus > min(kvm.max_vcpus(), mptable_max_cpus()):
+            raise UsageError(f"--cpus {config.cpus}: this host's KVM and vmm allow at most "
+                             f"{min(kvm.max_vcpus(), mptable_max_cpus())}")
+        vm = kvm.create_vm()
+        undo.callback(vm.close)
+        vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
+        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDRESS)
+        vm.create_irqchip()
+        vm.create_pit2()
+
+        # 2. Guest RAM, split around the 32-bit MMIO gap.
+        memory = GuestMemory(ram_ranges(config.mem))
+        undo.pop_all()  # from here the Machine owns kvm, vm and memory
+        machine = Machine(kvm, vm, memory, flavour=flavour)
+        undo.callback(machine.close)
+        guest = _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd,
+                               initrd_path, cmdline, output, on_exit, on_reset)
+        undo.pop_all()  # success: the caller closes the machine
+        return guest
 
 
-def _build_linux_machine(config, kvm, kernel, kernel_path, system_map, initrd, initrd_path,
-                         cmdline, flavour, output, on_exit, on_reset) -> LinuxGuest:
-    from vmm.arch.x86_64 import mptable, pvm
-    from vmm.devices.i8042 import I8042
-    from vmm.devices.irq import IrqLine
-    from vmm.devices.legacy import BootTimer
-    from vmm.devices.rtc import CmosRtc
-    from vmm.loader import linux
-    from vmm.loader.e820 import ram_ranges
-
-    if config.cpus > min(kvm.max_vcpus(), mptable_max_cpus()):
-        raise UsageError(f"--cpus {config.cpus}: this host's KVM and vmm allow at most "
-                         f"{min(kvm.max_vcpus(), mptable_max_cpus())}")
-    vm = kvm.create_vm()
-    vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
-    vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDRESS)
-    vm.create_irqchip()
-    vm.create_pit2()
-
-    # 2. Guest RAM, split around the 32-bit MMIO gap.
-    memory = GuestMemory(ram_ranges(config.mem))
-    machine = Machine(kvm, vm, memory, flavour=flavour)
-    try:
-        return _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd,
-                              initrd_path, cmdline, flavour, output, on_exit, on_reset)
-    except BaseException:
-        machine.close()
-        raise
-
-
-def _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd, initrd_path,
-                   cmdline, flavour, output, on_exit, on_reset) -> LinuxGuest:
+def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_path: Path,
+                   system_map: Path | None, initrd: bytes | None, initrd_path: Path | None,
+                   cmdline, output, on_exit, on_reset) -> LinuxGuest:
+    """Steps 3-5 of the recipe, on a machine with KVM, a VM and RAM."""
     from vmm.arch.x86_64 import mptable, pvm
     from vmm.devices.i8042 import I8042
     from vmm.devices.irq import IrqLine
@@ -270,7 +255,7 @@ def _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd, ini
 
         cmdline.add(*attach_block_devices(machine, config.disks,
                                           lambda irq: IrqLine(vm.irq_line, irq)))
-    if flavour == "pvm":
+    if machine.flavour == "pvm":
         cmdline.add(*pvm.cmdline_options())
     cmdline.add(config.cmdline)
     if config.command:
