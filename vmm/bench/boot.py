@@ -62,10 +62,13 @@ class Measurement:
     exit_status: int | None = None
     peak_rss_bytes: int | None = None
     metrics: dict[str, Any] | None = None  # vmm contenders: their --metrics JSON
+    last_output: str = ""  # the last line the job printed, when it failed
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"ok": self.ok, "wall_ms": self.wall_ms, "reason": self.reason,
                                "exit_status": self.exit_status, "peak_rss_bytes": self.peak_rss_bytes}
+        if self.last_output:
+            out["last_output"] = self.last_output
         if self.metrics is not None:
             out["phases_ms"] = self.metrics.get("phases_ms")
             out["guest_boot_time_us"] = self.metrics.get("guest_boot_time_us")
@@ -409,9 +412,9 @@ def measure(contender: Contender, run_dir: Path) -> Measurement:
     if timed_out.is_set():
         m.ok = False
         detail = _last_line(stderr) or _last_line(stdout) or "no output at all"
-        m.reason = f"timed out after {contender.timeout:g} s ({detail})"
-        if contender.hint():
-            m.reason += f": {contender.hint()}"
+        hint = contender.hint()
+        m.reason = f"timed out after {contender.timeout:g} s" + (f": {hint}" if hint else f" ({detail})")
+        m.last_output = detail
     else:
         problem = contender.check(proc.returncode, stdout, stderr, run_dir)
         if problem:
