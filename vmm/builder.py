@@ -253,8 +253,10 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
     if config.disks:
         from vmm.devices.virtio.attach import attach_block_devices
 
-        cmdline.add(*attach_block_devices(machine, config.disks,
-                                          lambda irq: IrqLine(vm.irq_line, irq)))
+        cmdline.add(*attach_block_devices(
+            machine, config.disks, lambda irq: IrqLine(vm.irq_line, irq),
+            notify=config.virtio_notify,
+            trace=_stderr_line if config.trace else None))
     if machine.flavour == "pvm":
         cmdline.add(*pvm.cmdline_options())
     cmdline.add(config.cmdline)
@@ -285,6 +287,12 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
     entry_info = linux.BootEntry("pvh" if fmt == "vmlinux (PVH)" else "linux64", entry,
                                  boot_info, fmt, kernel_end)
     return LinuxGuest(machine, serial, boot_timer, entry_info, str(cmdline), kernel_path, system_map)
+
+
+def _stderr_line(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
 
 
 def mptable_max_cpus() -> int:

@@ -78,12 +78,15 @@ class VmConfig:
     timeout: float | None = None
     console_log: bool = False  # show the kernel's log, not only the command's output
     interactive: bool = False  # stdin is a terminal: raw mode, Ctrl-A x to quit
+    virtio_notify: str = "exit"  # queue notifications: "exit" (MMIO exit) or "ioeventfd"
 
     def __post_init__(self) -> None:
         if self.cpus < 1:
             raise UsageError(f"--cpus {self.cpus}: at least 1")
         if self.runloop not in ("c", "python"):
             raise UsageError(f"--runloop {self.runloop!r}: 'c' or 'python'")
+        if self.virtio_notify not in ("exit", "ioeventfd"):
+            raise UsageError(f"--virtio-notify {self.virtio_notify!r}: 'exit' or 'ioeventfd'")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout}: must be positive")
         if self.firmware is not None and (self.kernel or self.command or self.disks):

@@ -21,6 +21,7 @@ class RunResult:
     outcome: Outcome
     stats: ExitStats
     phases: dict[str, int] = field(default_factory=dict)
+    devices: dict[str, dict] = field(default_factory=dict)  # virtio transports' counters
 
     @property
     def status(self) -> int:
@@ -97,6 +98,7 @@ def run_linux(
     recorder=None,  # vmm.bench.phases.PhaseRecorder (--boot-timer, --metrics)
     profile=None,  # vmm.profiler.ProfileOptions: sample guest RIPs (--profile)
     initcalls: bool = False,  # summarize initcall_debug lines at exit (--initcalls)
+    on_built=None,  # called with the Machine before it runs (benchmarks read device counters)
 ) -> RunResult:
     """Boot Linux, run the command (or a shell), return the guest's exit status."""
     import time
@@ -130,6 +132,8 @@ def run_linux(
     guest = build_linux_vm(config, output, on_exit, on_reset, progress)
     machine = guest.machine
     try:
+        if on_built is not None:
+            on_built(machine)
         quirks = None
         if machine.flavour == "pvm":
             from vmm.arch.x86_64.pvm import PvmQuirks
@@ -173,7 +177,9 @@ def run_linux(
                              top=profile.top, out=stderr, folded=profile.out)
         if initcall_watch is not None:
             print(initcall_watch.format(), file=stderr)
-        return RunResult(outcome, runner.stats, machine.phases)
+        from vmm.devices.virtio.attach import device_counters
+
+        return RunResult(outcome, runner.stats, machine.phases, device_counters(machine))
     finally:
         machine.close()
 

@@ -18,6 +18,10 @@ import click
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
               help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order).")
 @click.option("--root", metavar="DEV", help="Run the command inside this disk's file system (e.g. /dev/vda).")
+@click.option("--virtio-notify", type=click.Choice(["exit", "ioeventfd"]), default="exit",
+              show_default=True,
+              help="virtio queue notifications: MMIO exits in the vCPU thread, or ioeventfd + an I/O "
+                   "thread (and irqfd). See docs/virtio.md for the measurements.")
 @click.option("--runloop", type=click.Choice(["c", "python"]), default="c", show_default=True,
               help="The vCPU loop: C (fast) or pure Python (readable).")
 @click.option("--trace", is_flag=True, help="Print one line per exit to stderr.")
@@ -35,7 +39,8 @@ import click
 @click.option("--metrics", metavar="FILE",
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, runloop, trace, stats, timeout,
+def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify, runloop, trace,
+        stats, timeout,
         console_log, profile, profile_out, symbols, initcalls, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status."""
     from vmm.config import DiskConfig, VmConfig, parse_size
@@ -60,7 +65,8 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, runloop, trac
         mem=mem_bytes, cpus=cpus, firmware=firmware, kernel=kernel, initrd=initrd,
         cmdline=f"{cmdline} vmm.root={root}" if root else cmdline, command=tuple(command),
         disks=tuple(DiskConfig.parse(d) for d in disks),
-        runloop=runloop, trace=trace, stats=stats, timeout=timeout, console_log=console_log,
+        virtio_notify=virtio_notify, runloop=runloop, trace=trace, stats=stats, timeout=timeout,
+        console_log=console_log,
         interactive=not command and sys.stdin.isatty(),
     )
     recorder = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from collections import Counter
 from typing import Callable, Protocol
 
@@ -129,8 +130,15 @@ class VirtioMmioTransport:
         self._lock = threading.Lock()
         self.queues = [Queue(size) for size in device.queue_max_sizes]
         # Statistics, never reset (benchmarks read them).
-        self.notifications = 0  # QueueNotify writes
+        self.notifications = 0  # QueueNotify writes (MMIO exits or ioeventfd kicks)
         self.interrupts = 0  # interrupts signalled (used ring and config)
+        self.register_reads = 0  # register window accesses: each one an MMIO exit
+        self.register_writes = 0
+        self.first_notify_ns = 0  # monotonic ns of the first notification since restart_timing()
+        self.last_interrupt_ns = 0  # monotonic ns of the last interrupt
+        self.busy_ns = 0  # time spent working on rings (in notify), any thread
+        self.notify_path = "exit"  # "exit" or "ioeventfd": how QueueNotify reaches notify()
+        self.io_thread = None  # the IoEventThread serving the ioeventfds, if any
         self.chain_errors = 0  # chains returned unprocessed
         self.errors: Counter[str] = Counter()  # ignored guest writes, by reason
         self.last_error = ""
@@ -178,8 +186,34 @@ class VirtioMmioTransport:
             self.trace(f"{self.name}: {message}")
 
     # --- the bus protocol -----------------------------------------------------------------
+    def counters(self) -> dict[str, int | str]:
+        """The statistics as one dict (benchmarks, --metrics)."""
+        device = self.device
+        return {
+            "notify_path": self.notify_path,
+            "interrupt": getattr(self.interrupt, "kind", "KVM_IRQ_LINE"),
+            "requests": self.requests,
+            "bytes_read": getattr(device, "bytes_read", 0),
+            "bytes_written": getattr(device, "bytes_written", 0),
+            "notifications": self.notifications,
+            "interrupts": self.interrupts,
+            "register_reads": self.register_reads,
+            "register_writes": self.register_writes,
+            "chain_errors": self.chain_errors,
+            "errors": sum(self.errors.values()),
+            "first_notify_ns": self.first_notify_ns,
+            "last_interrupt_ns": self.last_interrupt_ns,
+            "busy_ns": self.busy_ns,
+            "io_thread_wakeups": getattr(self.io_thread, "wakeups", 0),
+        }
+
+    def restart_timing(self) -> None:
+        """Forget the first notification's time (a benchmark starts a new phase)."""
+        self.first_notify_ns = 0
+
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
+            self.register_reads += 1
             if offset >= CONFIG:
                 return self._read_config(offset - CONFIG, size)
             if size != 4 or offset % 4:
@@ -189,6 +223,7 @@ class VirtioMmioTransport:
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
+            self.register_writes += 1
             if offset >= CONFIG:
                 self.device.write_config(offset - CONFIG, bytes(data))
                 return
@@ -201,10 +236,14 @@ class VirtioMmioTransport:
             else:
                 self._write_register(offset, value)
 
-    def notify(self, queue_index: int) -> None:
-        """A queue notification from elsewhere than the register (an ioeventfd thread)."""
+    def notify(self, queue_index: int, kicks: int = 1) -> None:
+        """A queue notification from elsewhere than the register (an ioeventfd thread).
+
+        ``kicks``: how many guest writes the eventfd counted; one pass over the
+        ring serves them all.
+        """
         with self._lock:
-            self._notify(queue_index)
+            self._notify(queue_index, kicks)
 
     def config_changed(self) -> None:
         """The device's configuration changed (a resized disk): tell the driver."""
@@ -382,8 +421,10 @@ class VirtioMmioTransport:
         return True
 
     # --- queue notifications and interrupts ------------------------------------------------------
-    def _notify(self, queue_index: int) -> None:
-        self.notifications += 1
+    def _notify(self, queue_index: int, kicks: int = 1) -> None:
+        self.notifications += kicks
+        if not self.first_notify_ns:
+            self.first_notify_ns = time.monotonic_ns()
         self._emit(f"notify queue {queue_index}")
         if not self.status & STATUS_DRIVER_OK or self.status & (STATUS_FAILED | STATUS_NEEDS_RESET):
             self._error("notify while the device is not running", f"status {self.status:#x}")
@@ -392,6 +433,7 @@ class VirtioMmioTransport:
             self._error("notify of a queue that is not ready", f"queue {queue_index}")
             return
         queue = self.queues[queue_index]
+        start = time.monotonic_ns()
         try:
             self._process(queue_index, queue)
         except RingError as e:
@@ -405,6 +447,8 @@ class VirtioMmioTransport:
             log.exception("%s: internal error on queue %d", self.name, queue_index)
             self.errors["internal error"] += 1
             self._needs_reset(f"internal error: {e!r}")
+        finally:
+            self.busy_ns += time.monotonic_ns() - start
 
     def _process(self, queue_index: int, queue: Queue) -> None:
         """Take every available chain, do it, give it back; then maybe interrupt."""
@@ -437,7 +481,9 @@ class VirtioMmioTransport:
     def _signal(self, reason: int) -> None:
         self.interrupt_status |= reason
         self.interrupts += 1
-        self._emit(f"interrupt (status {self.interrupt_status:#x})")
+        self.last_interrupt_ns = time.monotonic_ns()
+        self._emit(f"interrupt (status {self.interrupt_status:#x}) via "
+                   f"{getattr(self.interrupt, 'kind', 'KVM_IRQ_LINE')}")
         if self.level_triggered:
             self._update_level()
         elif hasattr(self.interrupt, "pulse"):
