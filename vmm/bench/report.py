@@ -132,3 +132,33 @@ def plot(report: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    """The summary as a Markdown table (for the README and docs/boot-time.md)."""
+    lines = [f"Machine: {report['machine']} ({report.get('host', {}).get('kvm_description', '')}); "
+             f"{report['runs']} interleaved run(s) each; job: {report['job']}.", "",
+             "| contender | status | min | median | max | peak RSS |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for c in report["contenders"]:
+        s = c["summary"]
+        wall = s["wall_ms"]
+        status = c["status"] if not c["reason"] else f"{c['status']}: {c['reason']}"
+        lines.append(f"| {c['label']} | {status} | {_ms(wall['min'])} | {_ms(wall['median'])} | "
+                     f"{_ms(wall['max'])} | {_mib(s['peak_rss_bytes_median'])} |")
+    for c in report["contenders"]:
+        s = c["summary"]
+        phases = s.get("phases_ms_median")
+        if not phases:
+            continue
+        lines += ["", f"{c['label']}, phases (median of each, ms after process start):", "",
+                  "| phase | at | step |", "| --- | ---: | ---: |"]
+        previous = 0.0
+        for name, value in phases.items():
+            lines.append(f"| `{name}` | {value:.1f} | +{value - previous:.1f} |")
+            previous = value
+        if s.get("vmm_overhead_bytes_median") is not None:
+            lines += ["", f"Memory: peak RSS {_mib(s.get('peak_rss_bytes_median'))}, guest RAM touched "
+                      f"{_mib(s.get('guest_touched_bytes_median'))}, VMM overhead "
+                      f"{_mib(s.get('vmm_overhead_bytes_median'))}."]
+    return "\n".join(lines)
