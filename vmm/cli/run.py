@@ -18,10 +18,10 @@ import click
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
               help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order).")
 @click.option("--root", metavar="DEV", help="Run the command inside this disk's file system (e.g. /dev/vda).")
-@click.option("--virtio-notify", type=click.Choice(["exit", "ioeventfd"]), default="exit",
+@click.option("--virtio-notify", type=click.Choice(["exit", "ioeventfd"]), default="ioeventfd",
               show_default=True,
-              help="virtio queue notifications: MMIO exits in the vCPU thread, or ioeventfd + an I/O "
-                   "thread (and irqfd). See docs/virtio.md for the measurements.")
+              help="virtio queue notifications: ioeventfd + an I/O thread (and irqfd interrupts), or "
+                   "MMIO exits handled in the vCPU thread. docs/virtio.md has the measurements.")
 @click.option("--runloop", type=click.Choice(["c", "python"]), default="c", show_default=True,
               help="The vCPU loop: C (fast) or pure Python (readable).")
 @click.option("--trace", is_flag=True, help="Print one line per exit to stderr.")

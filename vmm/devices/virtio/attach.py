@@ -76,8 +76,7 @@ def attach_block_devices(
     return fragments
 
 
-NOTIFY_PATHS = ("exit", "ioeventfd")
-DEFAULT_NOTIFY = "exit"
+NOTIFY_PATHS = ("exit", "ioeventfd")  # VmConfig.virtio_notify picks (default ioeventfd)
 
 
 def ioeventfd_supported(vm) -> bool:
