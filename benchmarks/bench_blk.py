@@ -4,7 +4,7 @@
     python3 benchmarks/bench_blk.py [--size 64] [--paths exit,ioeventfd] [--rounds 1] [--json FILE]
 
 One boot per notification path and round (``vmm run --virtio-notify exit`` and
-``ioeventfd``), in-process through ``vmm.session.run_linux``, with two disks:
+``ioeventfd``; every other round in reverse order), in-process through ``vmm.session.run_linux``, with two disks:
 
 * ``/dev/vda``: SIZE MiB of random bytes, read-only; the guest runs
   ``dd if=/dev/vda of=/dev/null bs=1M iflag=direct`` (busybox dd has
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         host = {"read_buffered": [], "write_buffered": [], "read_direct": [], "write_direct": []}
         runs = []
         for round_ in range(args.rounds):
-            for path_name in paths:
+            # ABBA: every other round in reverse, so a drift in the host's load hits both paths.
+            for path_name in (paths if round_ % 2 == 0 else paths[::-1]):
                 # The host, right before this boot, on the same files.
                 host_read(read_img, False)  # warm: the guest reads through the page cache too
                 host["read_buffered"].append(size / MB / host_read(read_img, False))

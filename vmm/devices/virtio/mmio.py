@@ -482,8 +482,9 @@ class VirtioMmioTransport:
         self.interrupt_status |= reason
         self.interrupts += 1
         self.last_interrupt_ns = time.monotonic_ns()
-        self._emit(f"interrupt (status {self.interrupt_status:#x}) via "
-                   f"{getattr(self.interrupt, 'kind', 'KVM_IRQ_LINE')}")
+        if self.trace is not None:
+            self._emit(f"interrupt (status {self.interrupt_status:#x}) via "
+                       f"{getattr(self.interrupt, 'kind', 'KVM_IRQ_LINE')}")
         if self.level_triggered:
             self._update_level()
         elif hasattr(self.interrupt, "pulse"):
