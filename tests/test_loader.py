@@ -45,6 +45,34 @@ def test_our_vmlinux_has_the_pvh_note() -> None:
     assert elf.lowest == 0x1000000
 
 
+def test_elf_reader_agrees_with_pyelftools() -> None:
+    """Our small program-header reader against a well-kept ELF library."""
+    import io
+
+    from elftools.elf.elffile import ELFFile
+
+    data = guest_kernel().vmlinux.read_bytes()
+    ours = parse_elf(data)
+    theirs = ELFFile(io.BytesIO(data))
+    loads = [s for s in theirs.iter_segments() if s["p_type"] == "PT_LOAD" and s["p_memsz"]]
+    assert ours.entry == theirs["e_entry"]
+    assert [(s.paddr, s.data, s.memsz) for s in ours.segments] == [
+        (s["p_paddr"], s.data(), s["p_memsz"]) for s in loads]
+    notes = [n for s in theirs.iter_segments() if s["p_type"] == "PT_NOTE" for n in s.iter_notes()]
+    pvh = [n for n in notes if n["n_name"] == "Xen" and n["n_type"] == 18]
+    assert len(pvh) == 1
+    desc = pvh[0]["n_desc"]
+    raw = desc if isinstance(desc, bytes) else bytes.fromhex(desc)
+    assert ours.pvh_entry == int.from_bytes(raw[:4], "little")
+
+
+@pytest.mark.parametrize("cut", [10, 64, 64 + 56 * 2, 5000])
+def test_truncated_elf_is_refused(cut: int) -> None:
+    data = guest_kernel().vmlinux.read_bytes()[:cut]
+    with pytest.raises(LoaderError, match="malformed ELF|past the end|no loadable"):
+        parse_elf(data, "k")
+
+
 @pytest.mark.parametrize("offset,value,message", [
     (0x202, b"XXXX", "not a bzImage"),
     (0x1FE, b"\x00\x00", "bad boot flag"),

@@ -60,7 +60,10 @@ def initramfs_key(busybox: Path) -> str:
     digest = hashlib.sha256()
     digest.update(INIT_SOURCE.read_bytes())
     digest.update(Path(__file__).read_bytes())
-    digest.update(Path(busybox).read_bytes())
+    # busybox by identity, not content: hashing 2 MB on every `vmm run` costs
+    # more than the rest of this key; a package upgrade changes size or mtime.
+    info = Path(busybox).stat()
+    digest.update(f"{busybox}:{info.st_size}:{info.st_mtime_ns}".encode())
     digest.update(" ".join(_compiler() + _port_defines()).encode())
     return digest.hexdigest()[:16]
 
