@@ -265,3 +265,19 @@ def test_no_ioeventfd_in_this_kvm_falls_back_to_exits(tmp_path):
 def test_config_refuses_an_unknown_notify_path():
     with pytest.raises(UsageError):
         VmConfig(virtio_notify="doorbell")
+
+
+def test_one_notification_path_per_disk(tmp_path):
+    disks = []
+    for i in range(3):
+        path = tmp_path / f"d{i}.img"
+        path.write_bytes(bytes(DISK_SIZE))
+        disks.append(DiskConfig(str(path)))
+    machine = FakeMachine(FakeVm())
+    attach_block_devices(machine, tuple(disks), lambda irq: FakeInterrupt(), notify="exit,ioeventfd")
+    assert [m.device.notify_path for m in machine.mmio.mappings()] == ["exit", "ioeventfd", "ioeventfd"]
+    assert sorted(machine.vm.irqfds) == [6, 7]
+    machine.close()
+    assert VmConfig(virtio_notify="exit,ioeventfd").virtio_notify == "exit,ioeventfd"
+    with pytest.raises(UsageError):
+        VmConfig(virtio_notify="exit,")

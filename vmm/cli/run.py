@@ -18,10 +18,11 @@ import click
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
               help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order).")
 @click.option("--root", metavar="DEV", help="Run the command inside this disk's file system (e.g. /dev/vda).")
-@click.option("--virtio-notify", type=click.Choice(["exit", "ioeventfd"]), default="ioeventfd",
-              show_default=True,
+@click.option("--virtio-notify", default="ioeventfd", show_default=True,
+              metavar="ioeventfd|exit[,...]",
               help="virtio queue notifications: ioeventfd + an I/O thread (and irqfd interrupts), or "
-                   "MMIO exits handled in the vCPU thread. docs/virtio.md has the measurements.")
+                   "MMIO exits handled in the vCPU thread; a list: one per --disk. docs/virtio.md has the "
+                   "measurements.")
 @click.option("--runloop", type=click.Choice(["c", "python"]), default="c", show_default=True,
               help="The vCPU loop: C (fast) or pure Python (readable).")
 @click.option("--trace", is_flag=True, help="Print one line per exit to stderr.")

@@ -42,12 +42,17 @@ def attach_block_devices(
     notify: str = "exit",
     trace: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """Open, create and register every disk; return the kernel command-line fragments."""
-    if notify not in NOTIFY_PATHS:
+    """Open, create and register every disk; return the kernel command-line fragments.
+
+    ``notify``: "exit" or "ioeventfd" for every disk, or a comma-separated list
+    with one per disk in order (the last one holds for the rest).
+    """
+    paths = notify.split(",")
+    if any(path not in NOTIFY_PATHS for path in paths):
         raise DeviceError(f"virtio notification path {notify!r}: one of {', '.join(NOTIFY_PATHS)}")
-    if notify == "ioeventfd" and not ioeventfd_supported(machine.vm):
+    if "ioeventfd" in paths and not ioeventfd_supported(machine.vm):
         warn("this KVM has no ioeventfd/irqfd: virtio notifications fall back to MMIO exits")
-        notify = "exit"
+        paths = ["exit"]
     if len(disks) > VIRTIO_MMIO_MAX_DEVICES:
         raise DeviceError(f"{len(disks)} disks: at most {VIRTIO_MMIO_MAX_DEVICES}")
     fragments = []
@@ -60,6 +65,7 @@ def attach_block_devices(
         for message in device.warnings:
             warn(message)
         name = f"virtio-blk{i}"
+        notify = paths[min(i, len(paths) - 1)]
         if notify == "ioeventfd":
             from vmm.devices.virtio.iothread import IrqfdLine
 
