@@ -2,6 +2,7 @@
 """virtio-blk throughput: a guest's sequential dd against the host on the same files.
 
     python3 benchmarks/bench_blk.py [--size 64] [--paths exit,ioeventfd] [--rounds 1] [--json FILE]
+    python3 benchmarks/bench_blk.py --same-boot 3 [--size 32] [--json FILE]
 
 One boot per notification path and round (``vmm run --virtio-notify exit`` and
 ``ioeventfd``; every other round in reverse order), in-process through ``vmm.session.run_linux``, with two disks:
@@ -21,6 +22,11 @@ device's view, from the first queue notification to the last interrupt of
 the phase: it leaves out dd's start-up (a fork+exec costs ~1 s in a PVM guest)
 but includes everything the guest does between requests. The guest's own
 /proc/uptime around dd (start-up included) is printed too.
+
+``--same-boot N`` compares the paths inside ONE boot instead: a read disk and
+a write disk per path (``--virtio-notify exit,exit,ioeventfd,ioeventfd``, one
+per disk), every phase N times, the paths alternating ABBA. On a host shared
+with other VMs this is the fair A/B: separate boots land in different load.
 
 The host does the same on the same files in the same run, before each boot:
 buffered 1 MiB ``preadv``/``pwritev`` + ``fdatasync`` (what vmm's raw backend
@@ -139,6 +145,81 @@ class MarkerWatcher(io.RawIOBase):
         return len(data)
 
 
+def phase_figures(begin: dict, end: dict, phase: str, guest_wall_s: float = 0.0) -> dict:
+    """One phase's figures from one device's counters at its begin and end markers."""
+    d = {k: end[k] - begin[k] for k in ("requests", "bytes_read", "bytes_written",
+                                        "notifications", "interrupts", "register_reads",
+                                        "register_writes", "busy_ns", "io_thread_wakeups")}
+    moved = d["bytes_read"] if phase == "read" else d["bytes_written"]
+    window_s = (end["last_interrupt_ns"] - end["first_notify_ns"]) / 1e9
+    exits = d["register_reads"] + d["register_writes"]
+    mb = moved / MB
+    return {
+        "bytes": moved,
+        "device_window_s": round(window_s, 4),
+        "guest_MBps": round(mb / window_s, 2) if window_s > 0 else None,
+        "guest_dd_wall_s": round(guest_wall_s, 2),
+        "device_busy_fraction": round(d["busy_ns"] / 1e9 / window_s, 3) if window_s > 0 else None,
+        "requests": d["requests"],
+        "notifications": d["notifications"],
+        "interrupts": d["interrupts"],
+        "mmio_exits": exits,
+        "io_thread_wakeups": d["io_thread_wakeups"],
+        "requests_per_MB": round(d["requests"] / mb, 3),
+        "notifications_per_MB": round(d["notifications"] / mb, 3),
+        "interrupts_per_MB": round(d["interrupts"] / mb, 3),
+        "mmio_exits_per_MB": round(exits / mb, 3),
+        "mmio_exits_per_request": round(exits / d["requests"], 3) if d["requests"] else None,
+        "notifications_per_request": round(d["notifications"] / d["requests"], 3)
+        if d["requests"] else None,
+    }
+
+
+def run_same_boot(paths: list[str], read_img: Path, write_imgs: list[Path], size_mib: int,
+                  repeats: int, timeout: float) -> list[dict]:
+    """One boot, one read disk and one write disk per path; the phases alternate between paths."""
+    from vmm.config import DiskConfig, VmConfig
+    from vmm.session import run_linux
+
+    disks, notify, devices = [], [], {}
+    for i, path_name in enumerate(paths):
+        disks += [DiskConfig(str(read_img), read_only=True), DiskConfig(str(write_imgs[i]))]
+        notify += [path_name, path_name]
+        devices[path_name] = (2 * i, 2 * i + 1)  # disk numbers: vd[a+n], virtio-blk<n>
+    # Shell functions keep the script short: it travels on the kernel command line.
+    script = [
+        "x(){ l=$1; shift; echo @@mark $l-begin; \"$@\" 2>/dev/null || echo @@fail $l; "
+        "echo @@mark $l-end; }",
+        f"r(){{ x read$1 dd if=/dev/$2 of=/dev/null bs=1M count={size_mib} iflag=direct; }}",
+        f"w(){{ x write$1 dd if=/dev/zero of=/dev/$2 bs=1M count={size_mib} oflag=direct conv=fsync; }}",
+    ]
+    steps = []
+    for rep in range(repeats):
+        for kind in ("read", "write"):
+            order = paths if rep % 2 == 0 else paths[::-1]  # ABBA
+            for path_name in order:
+                n = devices[path_name][0 if kind == "read" else 1]
+                label = f"{rep}{path_name}"
+                steps.append((kind + label, kind, path_name, n, rep))
+                script.append(f"{kind[0]} {label} vd{'abcdefgh'[n]}")
+    watcher = MarkerWatcher()
+    config = VmConfig(disks=tuple(disks), command=("sh", "-c", "; ".join(script)),
+                      virtio_notify=",".join(notify), timeout=timeout)
+    stderr = io.StringIO()
+    result = run_linux(config, stdout=watcher, stderr=stderr, handle_signals=False,
+                       on_built=lambda machine: setattr(watcher, "machine", machine))
+    if result.status != 0 or any(line.startswith("@@fail") for line in watcher.lines):
+        raise RuntimeError(f"guest run failed (status {result.status}): {stderr.getvalue()[-2000:]}"
+                           f"\n{watcher.lines[-10:]}")
+    rows = []
+    for label, kind, path_name, n, rep in steps:
+        device = f"virtio-blk{n}"
+        figures = phase_figures(watcher.snapshots[f"{label}-begin"][device],
+                                watcher.snapshots[f"{label}-end"][device], kind)
+        rows.append({"path": path_name, "phase": kind, "repeat": rep + 1, **figures})
+    return rows
+
+
 def run_guest(path_name: str, read_img: Path, write_img: Path, size_mib: int, timeout: float) -> dict:
     from vmm.config import DiskConfig, VmConfig
     from vmm.session import run_linux
@@ -168,34 +249,9 @@ def run_guest(path_name: str, read_img: Path, write_img: Path, size_mib: int, ti
             _, phase, u0, u1 = line.split()
             uptimes[phase] = float(u1) - float(u0)
     for phase, device in (("read", "virtio-blk0"), ("write", "virtio-blk1")):
-        begin = watcher.snapshots[f"{phase}-begin"][device]
-        end = watcher.snapshots[f"{phase}-end"][device]
-        d = {k: end[k] - begin[k] for k in ("requests", "bytes_read", "bytes_written",
-                                            "notifications", "interrupts", "register_reads",
-                                            "register_writes", "busy_ns", "io_thread_wakeups")}
-        moved = d["bytes_read"] if phase == "read" else d["bytes_written"]
-        window_s = (end["last_interrupt_ns"] - end["first_notify_ns"]) / 1e9
-        exits = d["register_reads"] + d["register_writes"]
-        mb = moved / MB
-        out[phase] = {
-            "bytes": moved,
-            "device_window_s": round(window_s, 4),
-            "guest_MBps": round(mb / window_s, 1) if window_s > 0 else None,
-            "guest_dd_wall_s": round(uptimes.get(phase, 0.0), 2),
-            "device_busy_fraction": round(d["busy_ns"] / 1e9 / window_s, 3) if window_s > 0 else None,
-            "requests": d["requests"],
-            "notifications": d["notifications"],
-            "interrupts": d["interrupts"],
-            "mmio_exits": exits,
-            "io_thread_wakeups": d["io_thread_wakeups"],
-            "requests_per_MB": round(d["requests"] / mb, 3),
-            "notifications_per_MB": round(d["notifications"] / mb, 3),
-            "interrupts_per_MB": round(d["interrupts"] / mb, 3),
-            "mmio_exits_per_MB": round(exits / mb, 3),
-            "mmio_exits_per_request": round(exits / d["requests"], 3) if d["requests"] else None,
-            "notifications_per_request": round(d["notifications"] / d["requests"], 3)
-            if d["requests"] else None,
-        }
+        out[phase] = phase_figures(watcher.snapshots[f"{phase}-begin"][device],
+                                   watcher.snapshots[f"{phase}-end"][device], phase,
+                                   uptimes.get(phase, 0.0))
     # Cross-check against the run loop's own exit counts (--stats): MMIO exits in the windows.
     out["run_mmio_exits_total"] = result.stats.by_reason.get("mmio", 0)
     out["transport_register_accesses_total"] = sum(
@@ -229,8 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=420, help="per boot, seconds")
     parser.add_argument("--dir", default=None, help="where the images go (default: a temp dir)")
     parser.add_argument("--json", metavar="FILE", help="write every figure as JSON")
+    parser.add_argument("--same-boot", type=int, metavar="N", default=0,
+                        help="instead: ONE boot with a read and a write disk per path (one "
+                             "--virtio-notify per disk), each phase N times, paths alternating")
     args = parser.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
+    if args.same_boot:
+        return main_same_boot(args, paths)
 
     facts = machine_facts()
     print(f"machine: {facts['host']}, {facts['cpu']}, {facts['cpus']} CPUs, Linux {facts['kernel']}, "
@@ -301,6 +362,85 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps({"machine": facts, "size_mib": args.size,
                                                "host_MBps_median": host_median,
                                                "host_MBps_samples": host, "runs": runs,
+                                               "summary": summary}, indent=2))
+    return 0
+
+
+def host_samples(read_img: Path, write_img: Path, size: int, direct: bool, n: int = 3) -> dict:
+    host = {"read_buffered": [], "write_buffered": [], "read_direct": [], "write_direct": []}
+    host_read(read_img, False)
+    for _ in range(n):
+        host["read_buffered"].append(size / MB / host_read(read_img, False))
+        host["write_buffered"].append(size / MB / host_write(write_img, False))
+        if direct:
+            host["read_direct"].append(size / MB / host_read(read_img, True))
+            host["write_direct"].append(size / MB / host_write(write_img, True))
+    return host
+
+
+def main_same_boot(args, paths: list[str]) -> int:
+    """Both paths in one boot: the same guest, the same load, phases alternating (ABBA)."""
+    facts = machine_facts()
+    print(f"machine: {facts['host']}, {facts['cpu']}, {facts['cpus']} CPUs, Linux {facts['kernel']}, "
+          f"load {facts['load_average_1min']}")
+    print(f"kvm: {facts['kvm']}")
+    size = args.size * MiB
+    with tempfile.TemporaryDirectory(prefix="vmm-bench-blk-", dir=args.dir) as tmp:
+        read_img = Path(tmp) / "read.img"
+        with open(read_img, "wb") as f:
+            for _ in range(args.size):
+                f.write(os.urandom(MiB))
+        write_imgs = []
+        for path_name in paths:
+            write_imgs.append(Path(tmp) / f"write-{path_name}.img")
+            write_imgs[-1].write_bytes(bytes(size))
+        direct = direct_supported(read_img)
+        host = host_samples(read_img, write_imgs[0], size, direct)
+        print(f"one boot, --virtio-notify per disk, {args.same_boot} x each phase ...",
+              file=sys.stderr, flush=True)
+        started = time.monotonic()
+        rows = run_same_boot(paths, read_img, write_imgs, args.size, args.same_boot, args.timeout)
+        run_s = time.monotonic() - started
+        after = host_samples(read_img, write_imgs[0], size, direct)
+        for k in host:
+            host[k] += after[k]
+    host_median = {k: round(statistics.median(v), 1) for k, v in host.items() if v}
+    summary = {}
+    for path_name in paths:
+        for kind in ("read", "write"):
+            mine = [r for r in rows if r["path"] == path_name and r["phase"] == kind]
+            med = {k: statistics.median(r[k] for r in mine) for k in mine[0]
+                   if isinstance(mine[0][k], (int, float)) and k != "repeat"}
+            med["samples_MBps"] = [r["guest_MBps"] for r in mine]
+            med["ratio_vs_host_buffered"] = round(med["guest_MBps"] / host_median[f"{kind}_buffered"], 5)
+            summary.setdefault(path_name, {})[kind] = med
+    print(f"\nsequential dd, bs=1M, {args.size} MiB per phase, one boot ({run_s:.0f} s), every phase "
+          f"{args.same_boot} times per path, alternating (medians); MB = 10^6 bytes")
+    print(f"host, same files: read {host_median['read_buffered']} MB/s buffered"
+          + (f", {host_median['read_direct']} O_DIRECT" if direct else ", O_DIRECT unsupported here")
+          + f"; write+fdatasync {host_median['write_buffered']} MB/s buffered"
+          + (f", {host_median['write_direct']} O_DIRECT" if direct else ""))
+    print(f"{'path':<10} {'phase':<6} {'guest MB/s':>10} {'ratio':>8} {'req/MB':>7} {'notif/MB':>9} "
+          f"{'irq/MB':>7} {'exits/MB':>9} {'exits/req':>9} {'busy':>5}  samples")
+    for path_name, phases in summary.items():
+        for kind, m in phases.items():
+            print(f"{path_name:<10} {kind:<6} {m['guest_MBps']:>10.2f} {m['ratio_vs_host_buffered']:>8.5f} "
+                  f"{m['requests_per_MB']:>7.2f} {m['notifications_per_MB']:>9.2f} "
+                  f"{m['interrupts_per_MB']:>7.2f} {m['mmio_exits_per_MB']:>9.2f} "
+                  f"{m['mmio_exits_per_request']:>9.2f} {m['device_busy_fraction']:>5.3f}  "
+                  f"{m['samples_MBps']}")
+    if len(paths) == 2:
+        for kind in ("read", "write"):
+            a = [r["guest_MBps"] for r in rows if r["path"] == paths[0] and r["phase"] == kind]
+            b = [r["guest_MBps"] for r in rows if r["path"] == paths[1] and r["phase"] == kind]
+            ratios = [y / x for x, y in zip(a, b)]
+            print(f"{kind}: {paths[1]} / {paths[0]}, phase by phase: "
+                  f"{', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": facts, "size_mib": args.size,
+                                               "mode": "same-boot", "run_s": run_s,
+                                               "host_MBps_median": host_median,
+                                               "host_MBps_samples": host, "phases": rows,
                                                "summary": summary}, indent=2))
     return 0
 

@@ -78,7 +78,8 @@ class VmConfig:
     timeout: float | None = None
     console_log: bool = False  # show the kernel's log, not only the command's output
     interactive: bool = False  # stdin is a terminal: raw mode, Ctrl-A x to quit
-    # virtio queue notifications: "ioeventfd" (+ I/O thread, irqfd; measured faster, docs/virtio.md)
+    # virtio queue notifications: "ioeventfd" (+ I/O thread, irqfd; as fast as exits on PVM, one
+    # MMIO exit fewer per request: docs/virtio.md)
     # or "exit" (an MMIO exit handled in the vCPU thread); "exit,ioeventfd": one per disk, in
     # order, the last one for the rest (benchmarks compare both paths in one boot)
     virtio_notify: str = "ioeventfd"
