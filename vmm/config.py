@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from vmm.arch.x86_64.layout import GiB, KiB, MiB
+from vmm.arch.x86_64.layout import DEFAULT_MEM, GiB, KiB, MiB
 from vmm.errors import UsageError
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
@@ -64,7 +64,7 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class VmConfig:
-    mem: int = 512 * MiB
+    mem: int = DEFAULT_MEM
     cpus: int = 1
     firmware: str | None = None  # a built-in payload name or a raw binary's path
     kernel: str | None = None  # bzImage or vmlinux; None: our guest kernel

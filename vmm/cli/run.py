@@ -13,7 +13,7 @@ import click
 @click.option("--kernel", metavar="PATH", help="bzImage or vmlinux (default: our guest kernel).")
 @click.option("--initrd", metavar="PATH|none", help="initramfs (default: ours; 'none' for no initrd).")
 @click.option("--cmdline", default="", metavar="ARGS", help="Extra kernel command-line arguments.")
-@click.option("--mem", default=None, metavar="SIZE", help="Guest RAM, e.g. 512M, 2G [default: 512M; 2M for firmware].")
+@click.option("--mem", default=None, metavar="SIZE", help="Guest RAM, e.g. 512M, 2G [default: 256M; 2M for firmware].")
 @click.option("--cpus", default=1, type=int, show_default=True, help="Number of vCPUs.")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
               help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order).")
@@ -46,7 +46,7 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status."""
     from vmm.config import DiskConfig, VmConfig, parse_size
 
-    mem_bytes = parse_size(mem) if mem else (2 << 20 if firmware else 512 << 20)
+    mem_bytes = parse_size(mem) if mem else (2 << 20 if firmware else VmConfig.mem)
     profile_options = None
     if profile is not None or profile_out or symbols:
         from vmm.errors import UsageError

