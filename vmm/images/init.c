@@ -33,6 +33,7 @@
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #ifndef EXIT_PORT
@@ -188,6 +189,16 @@ int main(void)
     char **args = interactive ? shell : argv;
     if (!interactive)
         decode_argv(encoded, argv);
+
+    if (!interactive) {
+        /* The command's output goes to the host's stdout (a pipe, a file):
+         * no tty post-processing, so "\n" stays "\n" rather than "\r\n". */
+        struct termios tio;
+        if (tcgetattr(1, &tio) == 0) {
+            tio.c_oflag &= ~OPOST;
+            tcsetattr(1, TCSANOW, &tio);
+        }
+    }
 
     setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1);
     setenv("HOME", "/root", 1);
