@@ -26,8 +26,21 @@ from vmm.machine import Machine
 from vmm.memory import GuestMemory
 
 
-def _read_image(path: Path, what: str) -> bytes:
+def _read_image(path: Path, what: str, *, mapped: bool = False) -> bytes:
+    """The file's bytes, or with ``mapped`` a read-only mmap of it.
+
+    A kernel is mapped, not read: its segments are copied from the page cache
+    straight into guest RAM, without a 17 MB bytes object in between (that
+    copy was a third of vmm's peak memory).
+    """
     try:
+        if mapped:
+            import mmap
+
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    raise LoaderError(f"{path}: empty file, not a {what}")
+                return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         data = path.read_bytes()
     except FileNotFoundError:
         raise LoaderError(f"{path}: no such file") from None
@@ -183,7 +196,7 @@ def build_linux_vm(
 
     # 0. The guest's files, read and checked before KVM is touched.
     kernel_path, system_map = resolve_kernel(config, progress)
-    kernel = _read_image(kernel_path, "kernel")
+    kernel = _read_image(kernel_path, "kernel", mapped=True)
     initrd_path = resolve_initrd(config, progress)
     initrd = _read_image(initrd_path, "initrd") if initrd_path else None
     cmdline = Cmdline(linux.kernel_cmdline_limit(kernel))

@@ -37,7 +37,7 @@ NOTE_HEADER = struct.Struct("<III")  # namesz, descsz, type
 @dataclass(frozen=True)
 class Segment:
     paddr: int
-    data: bytes
+    data: bytes | memoryview
     memsz: int  # memsz > len(data): the rest is zero (.bss)
 
 
@@ -60,9 +60,13 @@ def is_elf(data: bytes) -> bool:
     return data[:4] == ELF_MAGIC
 
 
-def _slice(data: bytes, offset: int, size: int, name: str, what: str) -> bytes:
+def _check_range(data: bytes, offset: int, size: int, name: str, what: str) -> None:
     if offset < 0 or size < 0 or offset + size > len(data):
         raise LoaderError(f"{name}: malformed ELF: {what} at {offset:#x}+{size:#x} is past the end of the file")
+
+
+def _slice(data: bytes, offset: int, size: int, name: str, what: str) -> bytes:
+    _check_range(data, offset, size, name, what)
     return data[offset : offset + size]
 
 
@@ -99,7 +103,9 @@ def parse_elf(data: bytes, name: str = "kernel") -> ElfKernel:
         if kind == PT_LOAD and memsz:
             if filesz > memsz:
                 raise LoaderError(f"{name}: malformed ELF: a segment's file size exceeds its memory size")
-            segments.append(Segment(paddr, _slice(data, offset, filesz, name, "segment"), memsz))
+            _check_range(data, offset, filesz, name, "segment")
+            # A view, not a copy: the loader copies it once, into guest RAM.
+            segments.append(Segment(paddr, memoryview(data)[offset : offset + filesz], memsz))
         elif kind == PT_NOTE and pvh_entry is None:
             pvh_entry = _pvh_entry(_slice(data, offset, filesz, name, "note segment"))
     if not segments:
