@@ -27,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 from vmm.arch.x86_64 import layout
+from vmm.cache import cache_dir
 from vmm.errors import GuestBuildError, LoaderError
 
 #: The package that ships ``firmware/`` when vmm is installed (setuptools
@@ -75,16 +76,6 @@ def available_firmware() -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(p.stem for p in directory.glob("*.S") if p.is_file())
-
-
-def cache_dir() -> Path:
-    """``${VMM_CACHE_DIR:-${XDG_CACHE_HOME:-~/.cache}/vmm}`` (empty values count as unset)."""
-    explicit = os.environ.get("VMM_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "vmm"
 
 
 def firmware_path(name_or_path: str | os.PathLike[str]) -> Path:

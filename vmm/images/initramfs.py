@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from vmm.arch.x86_64 import layout
+from vmm.cache import cache_dir
 from vmm.errors import GuestBuildError
 from vmm.images.cpio import CpioWriter
 
@@ -23,12 +24,6 @@ BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 INIT_SOURCE = Path(__file__).with_name("init.c")
 DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "root",
                "etc", "newroot", "mnt", "run", "var")
-
-
-def cache_root() -> Path:
-    base = os.environ.get("VMM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmm")
-    return Path(base)
 
 
 def find_busybox() -> Path:
@@ -75,7 +70,7 @@ def default_initramfs(progress=None) -> Path:
     if not any(Path(c).is_file() for c in BUSYBOX_CANDIDATES) or not shutil.which("musl-gcc"):
         ensure_packages(["busybox-static", "musl-tools"], progress)
     busybox = find_busybox()
-    target = cache_root() / "initramfs" / initramfs_key(busybox) / "initramfs.cpio"
+    target = cache_dir() / "initramfs" / initramfs_key(busybox) / "initramfs.cpio"
     if target.exists():
         return target
     if progress:

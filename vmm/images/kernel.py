@@ -107,11 +107,9 @@ def _inputs_stamp() -> str:
 
 
 def _memo_path() -> Path:
-    import os
+    from vmm.cache import cache_dir
 
-    base = os.environ.get("VMM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vmm")
-    return Path(base) / "kernel" / ".key-memo"
+    return cache_dir() / "kernel" / ".key-memo"
 
 
 def kernel_key() -> tuple[str, Path]:
