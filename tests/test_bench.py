@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from vmm.arch.x86_64.layout import DEFAULT_MEM
 from vmm.bench import boot as bench_boot
 from vmm.bench import phases
 from vmm.bench.report import format_table
@@ -231,7 +232,7 @@ def test_metrics_json_schema(metrics_run):
     assert set(metrics["host"]) >= {"cpu_model", "cores", "host_kernel", "kvm_flavour"}
     guest = metrics["guest"]
     assert guest["kernel_release"] and len(guest["kernel_config_sha256"]) == 64
-    assert guest["ram_bytes"] == 512 << 20 and guest["vcpus"] == 1
+    assert guest["ram_bytes"] == DEFAULT_MEM and guest["vcpus"] == 1
     assert guest["kernel_format"] == "vmlinux (PVH)"
     memory = metrics["memory"]
     assert 0 < memory["guest_touched_bytes"] <= memory["guest_ram_bytes"]
