@@ -72,5 +72,5 @@ def test_vm_config_refuses_bad_combinations(kwargs, why):
 
 def test_vm_config_defaults():
     config = VmConfig()
-    assert (config.mem, config.cpus, config.runloop, config.timeout) == (256 * MiB, 1, "c", None)
+    assert (config.mem, config.cpus, config.runloop, config.timeout) == (128 * MiB, 1, "c", None)
     assert KiB == 1024

@@ -13,7 +13,7 @@ import click
 @click.option("--kernel", metavar="PATH", help="bzImage or vmlinux (default: our guest kernel).")
 @click.option("--initrd", metavar="PATH|none", help="initramfs (default: ours; 'none' for no initrd).")
 @click.option("--cmdline", default="", metavar="ARGS", help="Extra kernel command-line arguments.")
-@click.option("--mem", default=None, metavar="SIZE", help="Guest RAM, e.g. 512M, 2G [default: 256M; 2M for firmware].")
+@click.option("--mem", default=None, metavar="SIZE", help="Guest RAM, e.g. 512M, 2G [default: 128M; 2M for firmware].")
 @click.option("--cpus", default=1, type=int, show_default=True, help="Number of vCPUs.")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
               help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order).")
