@@ -25,6 +25,7 @@
 # (EAX, ECX) are usable there, the assembler adds an operand-size prefix.
 
 .include "layout.inc"           # ports, mirrored from layout.py
+.include "uart.inc"             # UART_PUTS: the string printer
 
 .equ DEFAULT_N, 100000          # used when the VMM answers 0
 
@@ -65,16 +66,9 @@ start:
 3:  hlt                         # not reached under vmm
     jmp     3b
 
-# print16: write the NUL-terminated string at DS:SI to the UART, one `out`
-# (one exit) per byte.  Clobbers AL, DX, SI.
+# print16: write the NUL-terminated string at DS:SI to the UART (uart.inc).
 print16:
-    mov     $COM1_PORT, %dx
-1:  lodsb
-    test    %al, %al
-    jz      2f
-    out     %al, %dx
-    jmp     1b
-2:  ret
+    UART_PUTS
 
 message:
     .asciz  "exitbench: done\n"

@@ -49,6 +49,7 @@
 # report LM anyway: KVM checks its own copy of the CPUID table, not the CPU's.)
 
 .include "layout.inc"           # ports and addresses, mirrored from layout.py
+.include "uart.inc"             # UART_PUTS: the string printer, for every mode
 
 # Bits and numbers from the Intel/AMD manuals (not guest layout, so not in layout.py)
 .equ CR0_PE,     1 << 0         # protection enable
@@ -104,16 +105,9 @@ start16:
     # offset; the target is a LINEAR address because SEL_CODE32 has base 0.
     ljmpl   $SEL_CODE32, $(start32 + RESET_CS_BASE)
 
-# print16: write the NUL-terminated string at DS:SI to the UART, one `out` per
-# byte (one VM exit each).  Clobbers AL, DX, SI.
+# print16: write the NUL-terminated string at DS:SI to the UART (uart.inc).
 print16:
-    mov     $COM1_PORT, %dx
-1:  lodsb                       # AL = [DS:SI++]
-    test    %al, %al
-    jz      2f                  # NUL: done
-    out     %al, %dx
-    jmp     1b
-2:  ret
+    UART_PUTS
 
 # ==============================================================================
 # Stage 2: 32-bit protected mode (flat segments, paging off)
@@ -210,13 +204,7 @@ wrmsr_efer:                     # (the exception handler looks for this address)
 
 # print32: write the NUL-terminated string at linear address ESI to the UART.
 print32:
-    mov     $COM1_PORT, %dx
-1:  lodsb
-    test    %al, %al
-    jz      2f
-    out     %al, %dx
-    jmp     1b
-2:  ret
+    UART_PUTS
 
 fail32_pe:
     mov     $(msg_fail_pe + RESET_CS_BASE), %esi
@@ -273,13 +261,7 @@ fail64_lma:
 
 # print64: write the NUL-terminated string at RSI to the UART.
 print64:
-    mov     $COM1_PORT, %dx
-1:  lodsb
-    test    %al, %al
-    jz      2f
-    out     %al, %dx
-    jmp     1b
-2:  ret
+    UART_PUTS
 
 # ==============================================================================
 # Data (read-only: this image is our "ROM")
