@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -33,9 +34,8 @@ def decode_argv(encoded: str) -> list[str]:
     raw = bytearray()
     i = 0
     while i < len(encoded):
-        if encoded[i] == "%" and i + 2 < len(encoded) + 0 and all(
-            c in "0123456789abcdefABCDEF" for c in encoded[i + 1 : i + 3]
-        ) and len(encoded[i + 1 : i + 3]) == 2:
+        pair = encoded[i + 1 : i + 3]
+        if encoded[i] == "%" and len(pair) == 2 and all(c in string.hexdigits for c in pair):
             raw.append(int(encoded[i + 1 : i + 3], 16))
             i += 3
         else:

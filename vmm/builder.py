@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -142,18 +143,17 @@ def encode_argv(argv: tuple[str, ...]) -> str:
     return "vmm.argv=" + "%00".join(encode(a) for a in argv)
 
 
+@dataclass
 class LinuxGuest:
     """What run_linux needs beyond the Machine: devices it reads from, and how it booted."""
 
-    def __init__(self, machine: Machine, serial: Serial16550, boot_timer, entry, cmdline: str,
-                 kernel_path: Path, system_map: Path | None) -> None:
-        self.machine = machine
-        self.serial = serial
-        self.boot_timer = boot_timer
-        self.entry = entry
-        self.cmdline = cmdline
-        self.kernel_path = kernel_path
-        self.system_map = system_map
+    machine: Machine
+    serial: Serial16550
+    boot_timer: object  # vmm.devices.legacy.BootTimer
+    entry: object  # vmm.loader.linux.BootEntry
+    cmdline: str
+    kernel_path: Path
+    system_map: Path | None
 
 
 def resolve_kernel(config: VmConfig, progress: Callable[[str], None]) -> tuple[Path, Path | None]:

@@ -21,8 +21,6 @@ class Machine:
     pio: Bus = field(default_factory=lambda: Bus("pio"))
     mmio: Bus = field(default_factory=lambda: Bus("mmio"))
     flavour: str = "unknown"
-    # Set by the builder: what the guest can do to end the VM.
-    on_stop: Callable[[int, str], None] | None = None
     phases: dict[str, int] = field(default_factory=dict)  # name → monotonic ns
     closers: list[Callable[[], None]] = field(default_factory=list)
 

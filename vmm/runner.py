@@ -18,7 +18,6 @@ returns EINTR at once and the next one does not start.
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -74,7 +73,6 @@ class Runner:
         runloop: str = "c",
         trace: TextIO | None = None,
         quirks: ExitQuirks | None = None,
-        on_halt: Callable[[Vcpu], bool] | None = None,
     ) -> None:
         if runloop not in ("c", "python"):
             raise VmmError(f"--runloop must be 'c' or 'python', not {runloop!r}")
@@ -84,7 +82,6 @@ class Runner:
         self.runloop = runloop
         self.trace = trace
         self.quirks = quirks
-        self.on_halt = on_halt
         self.stats = ExitStats()
         self.outcome: Outcome | None = None
         self.first_run_ns: int | None = None  # monotonic time of the first KVM_RUN
@@ -290,8 +287,6 @@ class Runner:
             return self.stopping
         self.stats.count(exit.reason)
         if isinstance(exit, HltExit):
-            if self.on_halt is not None and self.on_halt(vcpu):
-                return False
             self.stop(EXIT_NO_STATUS, "halted", "the guest executed HLT with nothing to wake it")
             return True
         if isinstance(exit, ShutdownExit):
@@ -358,4 +353,4 @@ def install_stop_signals(runner: Runner) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-__all__ = ["Runner", "Outcome", "install_stop_signals", "sys"]
+__all__ = ["Runner", "Outcome", "install_stop_signals"]

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from vmm.errors import KvmUnavailableError
 from vmm.kvm.ioctl import ffi, ioctl, lib
+
+if TYPE_CHECKING:
+    from vmm.kvm.vm import Vm
 
 KVM_DEVICE = "/dev/kvm"
 # Entries we ask KVM_GET_SUPPORTED_CPUID for; it says E2BIG if too few.

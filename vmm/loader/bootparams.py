@@ -9,7 +9,7 @@ line pointer, initrd, and the e820 memory map.
 
 from __future__ import annotations
 
-from construct import Array, Int8ul, Int32ul, Int64ul, Struct
+from construct import Array, Int32ul, Int64ul, Struct
 
 from vmm.loader.bzimage import LOADFLAG_CAN_USE_HEAP, SETUP_HEADER_OFFSET, SetupHeader
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Struct
+from construct import Bytes, Int8ul, Int16ul, Int32ul, Int64ul, Struct
 
 from vmm.errors import LoaderError
 
