@@ -190,8 +190,6 @@ def build_linux_vm(
     progress: Callable[[str], None],
 ) -> LinuxGuest:
     """The boot recipe for a Linux guest, step by step."""
-    from vmm.loader import linux
-    from vmm.loader.cmdline import Cmdline
     from vmm.loader.e820 import ram_ranges
 
     # 0. The guest's files, read and checked before KVM is touched.
@@ -199,7 +197,6 @@ def build_linux_vm(
     kernel = _read_image(kernel_path, "kernel", mapped=True)
     initrd_path = resolve_initrd(config, progress)
     initrd = _read_image(initrd_path, "initrd") if initrd_path else None
-    cmdline = Cmdline(linux.kernel_cmdline_limit(kernel))
     flavour = detect_flavour()
 
     # 1. KVM, the VM and the platform KVM emulates for us: PIC, IOAPIC, LAPICs, PIT.
@@ -223,14 +220,14 @@ def build_linux_vm(
         machine = Machine(kvm, vm, memory, flavour=flavour)
         undo.callback(machine.close)
         guest = _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd,
-                               initrd_path, cmdline, output, on_exit, on_reset)
+                               initrd_path, output, on_exit, on_reset)
         undo.pop_all()  # success: the caller closes the machine
         return guest
 
 
 def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_path: Path,
                    system_map: Path | None, initrd: bytes | None, initrd_path: Path | None,
-                   cmdline, output, on_exit, on_reset) -> LinuxGuest:
+                   output, on_exit, on_reset) -> LinuxGuest:
     """Steps 3-5 of the recipe, on a machine with KVM, a VM and RAM."""
     from vmm.arch.x86_64 import mptable, pvm
     from vmm.devices.i8042 import I8042
@@ -238,6 +235,7 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
     from vmm.devices.legacy import BootTimer
     from vmm.devices.rtc import CmosRtc
     from vmm.loader import linux
+    from vmm.loader.cmdline import Cmdline
 
     kvm, vm, memory = machine.kvm, machine.vm, machine.memory
     machine.register_memory()
@@ -252,6 +250,7 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
     machine.phases["loaded"] = time.monotonic_ns()
 
     # 4. Devices: create, wire the IRQ, register on the bus, extend the command line.
+    cmdline = Cmdline(linux.cmdline_limit(fmt, parsed))
     cmdline.add(*BASE_CMDLINE)
     if not config.console_log:
         cmdline.add(*QUIET_CMDLINE)

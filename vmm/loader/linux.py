@@ -37,10 +37,9 @@ class BootEntry:
     kernel_end: int  # first byte above the kernel's memory footprint
 
 
-def kernel_cmdline_limit(kernel: bytes) -> int:
-    if is_bzimage(kernel):
-        return parse_bzimage(kernel).cmdline_size
-    return DEFAULT_LIMIT
+def cmdline_limit(fmt: str, parsed) -> int:
+    """The longest command line the loaded kernel accepts (a bzImage says; ELF: x86's default)."""
+    return parsed.cmdline_size if fmt == "bzImage" else DEFAULT_LIMIT
 
 
 def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> tuple[str, int, int, object]:
