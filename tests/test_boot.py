@@ -44,10 +44,20 @@ def test_bzimage_boot() -> None:
     assert result.stdout.decode() == "booted from bzImage\n"
 
 
-def test_two_cpus() -> None:
-    result = vmm_run("--cpus", "2", "--", "nproc")
+def test_two_cpus_and_module_parameters_in_sysfs() -> None:
+    """2 vCPUs; and patch 0004 (each built-in module's sysfs parameters created once)."""
+    script = (
+        "nproc; cat /sys/module/kernel/parameters/panic /sys/module/printk/parameters/time; "
+        "ls /sys/module/rcutree/parameters | wc -l; ls /sys/module/kernel/parameters"
+    )
+    result = vmm_run("--cpus", "2", "--", "sh", "-c", script)
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode().strip() == "2"
+    lines = result.stdout.decode().split()
+    assert lines[0] == "2"
+    assert lines[1] == "-1"  # panic=-1 from vmm's command line, read back through sysfs
+    assert lines[2] == "Y"  # CONFIG_PRINTK_TIME
+    assert lines[3] == "22"  # every rcutree parameter, not only the last one
+    assert {"panic", "initcall_debug", "pvm_syscall_fixup", "pvm_brk_populate"} <= set(lines[4:])
 
 
 def test_kernel_panic_has_its_own_status() -> None:
