@@ -137,10 +137,8 @@ def run_linux(
         quirks = None
         if machine.flavour == "pvm":
             from vmm.arch.x86_64.pvm import PvmQuirks
-            from vmm.loader.symbols import SymbolTable
 
-            symbols = SymbolTable.from_system_map(guest.system_map) if guest.system_map else None
-            quirks = PvmQuirks(symbols)
+            quirks = PvmQuirks(guest.system_map)
         runner = Runner(machine.vcpus, machine.pio, machine.mmio, runloop=config.runloop,
                         trace=stderr if config.trace else None, quirks=quirks)
         runner_box.append(runner)

@@ -29,6 +29,8 @@ where vmm never loads this module's workarounds (builder: only when
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vmm.kvm.exits import InternalErrorExit
 from vmm.kvm.vcpu import Vcpu
 from vmm.loader.symbols import SymbolTable
@@ -83,8 +85,9 @@ def cmdline_options() -> tuple[str, ...]:
 class PvmQuirks:
     """The runner's ExitQuirks for PVM hosts: fix what the emulator cannot do."""
 
-    def __init__(self, symbols: SymbolTable | None = None) -> None:
-        self.symbols = symbols
+    def __init__(self, system_map: Path | None = None) -> None:
+        self.system_map = system_map
+        self._symbols: SymbolTable | None = None
         self.completed: dict[str, int] = {}  # "int3" → times completed for the guest
 
     def handle_internal_error(self, vcpu: Vcpu, exit: InternalErrorExit) -> bool:
@@ -119,8 +122,12 @@ class PvmQuirks:
     def describe_failure(self, vcpu: Vcpu, exit: InternalErrorExit) -> str:
         rip = vcpu.get_regs().rip
         text = f"KVM could not emulate the guest instruction at rip {rip:#x}"
-        if self.symbols is not None:
-            text += f" ({self.symbols.describe(rip)})"
+        if self.system_map is not None:
+            # Read only now: parsing System.map (~40,000 lines) would cost every
+            # boot ~20 ms before the first KVM_RUN, for a failure that is rare.
+            if self._symbols is None:
+                self._symbols = SymbolTable.from_system_map(self.system_map)
+            text += f" ({self._symbols.describe(rip)})"
         if exit.instruction:
             text += f", bytes {exit.instruction.hex(' ')}"
         text += f" (KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror}; a PVM host limitation)"
