@@ -13,8 +13,8 @@ from vmm.loader.symbols import SymbolTable
 from vmm.memory import GuestMemory
 from vmm.profiler import (
     DIRECT_MAP, KERNEL_TEXT_MAP, USER_NAME, InitcallWatcher, Profiler, Samples, Symbolizer,
-    build_report, follows_call, format_report, guest_virt_to_phys, leaf_caller, parse_hz,
-    walk_frames, write_folded,
+    MAX_STACK_SWITCHES, build_report, follows_call, format_report, guest_virt_to_phys, leaf_caller,
+    page_walk, parse_hz, walk_frames, write_folded,
 )
 
 K = KERNEL_TEXT_MAP + 0x100_0000  # our kernel's text starts at 16 MiB
@@ -98,13 +98,50 @@ def test_walk_frames_follows_rbp_chain_and_stops_on_nonsense() -> None:
     s = DIRECT_MAP + 0x10_0000
     words = {
         s + 8: K + 0x120, s: s + 0x40,  # frame 1: return into rest_init, next frame up
-        s + 0x48: K + 0x20, s + 0x40: s + 0x30,  # frame 2: next rbp goes *down*: stop after it
+        s + 0x48: K + 0x20, s + 0x40: s + 0x40,  # frame 2: next rbp is itself: stop after it
     }
     assert walk_frames(stack_reader(words), s, depth=8) == [K + 0x120, K + 0x20]
     assert walk_frames(stack_reader(words), s, depth=1) == [K + 0x120]
     assert walk_frames(stack_reader({s + 8: 0x40_1000}), s, 8) == []  # user return: stop
     assert walk_frames(stack_reader(words), 0x7FFF_0000, 8) == []  # user rbp: no walk
     assert walk_frames(stack_reader({}), s, 8) == []  # unreadable
+
+
+def test_walk_frames_crosses_a_few_stack_switches_only() -> None:
+    """An IRQ handler's outermost frame links to the interrupted task's stack (lower or
+    higher, anywhere): followed; a chain that keeps jumping is garbage: cut."""
+    irq, task = 0xFFFF_C900_0000_8000, DIRECT_MAP + 0x10_0000
+    words = {irq + 8: K + 0x320, irq: task,  # __sysvec... on the IRQ stack → task stack
+             task + 8: K + 0x120, task: task + 0x40,
+             task + 0x48: K + 0x20, task + 0x40: 0}
+    assert walk_frames(stack_reader(words), irq, 8) == [K + 0x320, K + 0x120, K + 0x20]
+    frames = [DIRECT_MAP + 0x10_0000 - 0x1000 * i for i in range(MAX_STACK_SWITCHES + 3)]
+    jumping = {}
+    for here, down in zip(frames, frames[1:]):  # every frame pointer goes down a page
+        jumping[here + 8], jumping[here] = K + 0x120, down
+    assert len(walk_frames(stack_reader(jumping), frames[0], 12)) == MAX_STACK_SWITCHES + 1
+
+
+def test_page_walk_4k_2m_1g_and_not_present() -> None:
+    pml4, pdpt, pd, pt = 0x1000, 0x2000, 0x3000, 0x4000
+    memory = {}
+    def entry(table, index, value):
+        memory[table + index * 8] = value
+    va = 0xFFFF_C900_1234_5678  # PML4 402, PDPT 0, PD 0x91, PT 0x145
+    entry(pml4, 402, pdpt | 0x63)
+    entry(pdpt, 0, pd | 0x63)
+    entry(pd, 0x91, pt | 0x63)
+    entry(pt, 0x145, 0x8000_0000_0ABC_D063)  # NX set: not part of the address
+    read = memory.get
+    assert page_walk(read, pml4 | 0x18, va) == 0xABCD678  # CR3's low flag bits ignored
+    entry(pd, 0x91, 0x0060_0000 | 0xE3)  # a 2 MiB page
+    assert page_walk(read, pml4, va) == 0x0060_0000 | (va & 0x1F_FFFF)
+    entry(pdpt, 0, 0x4000_0000 | 0xE3)  # a 1 GiB page
+    assert page_walk(read, pml4, va) == 0x4000_0000 | (va & 0x3FFF_FFFF)
+    entry(pdpt, 0, pd | 0x62)  # not present
+    assert page_walk(read, pml4, va) is None
+    assert page_walk(read, pml4, 0xFFFF_C980_0000_0000) is None  # empty PML4 slot
+    assert page_walk(lambda pa: None, pml4, va) is None  # tables outside RAM
 
 
 def test_follows_call_recognizes_call_forms() -> None:
@@ -144,6 +181,30 @@ def test_profiler_tick_reads_regs_and_guest_stack() -> None:
         report = profiler.report(SYMBOLS)
         assert report.total == 3
         assert report.folded == [("start_kernel;rest_init;memset_orig", 2), (USER_NAME, 1)]
+    finally:
+        memory.close()
+
+
+def test_profiler_tick_walks_page_tables_for_a_vmalloc_irq_stack() -> None:
+    """Per-cpu IRQ stacks are vmalloc'ed with percpu_alloc=page: the frames there are
+    read through the guest's page tables (CR3 from KVM_GET_SREGS, once per sample)."""
+    memory = GuestMemory([(0, 4 << 20)])
+    try:
+        pml4, pdpt, pd, pt, irq_page = 0x1000, 0x2000, 0x3000, 0x4000, 0x30_0000
+        irq = 0xFFFF_C900_0000_0000  # PML4 402, PDPT 0, PD 0, PT 0
+        for table, value in ((pml4 + 402 * 8, pdpt), (pdpt, pd), (pd, pt), (pt, irq_page)):
+            memory.write(table, struct.pack("<Q", value | 0x63))
+        task = 0x20_0000
+        memory.write(irq_page + 0x100, struct.pack("<QQ", DIRECT_MAP + task, K + 0x120))
+        memory.write(task, struct.pack("<QQ", 0, K + 0x20))
+        sregs_reads = []
+        vcpu = SimpleNamespace(
+            get_regs=lambda: SimpleNamespace(rip=K + 0x330, rbp=irq + 0x100, rsp=irq + 0xF0),
+            get_sregs=lambda: sregs_reads.append(1) or SimpleNamespace(cr3=pml4))
+        profiler = Profiler(memory, hz=100)
+        profiler.tick(vcpu)
+        assert profiler.report(SYMBOLS).folded == [("start_kernel;rest_init;clear_page", 1)]
+        assert sregs_reads == [1]
     finally:
         memory.close()
 

@@ -10,7 +10,9 @@ How it works (see docs/profiling.md):
   frame pointers, so ``[RBP+8]`` is the return address into the caller and
   ``[RBP]`` the caller's frame: we follow that chain a few frames up, reading
   guest RAM directly (kernel text/data and the direct map translate to
-  physical addresses by subtracting a constant; anything else ends the walk);
+  physical addresses by subtracting a constant; anything else, such as the
+  per-cpu IRQ stacks when per-cpu memory is vmalloc'ed, by walking the guest's
+  own page tables from CR3, read once per sample with ``KVM_GET_SREGS``);
 * at exit, samples are symbolized (:class:`vmm.loader.symbols.SymbolTable`)
   into a top list with shares and callers, and optionally written as folded
   stacks (``root;...;caller;func count``, what flamegraph.pl and speedscope read).
@@ -53,23 +55,56 @@ def guest_virt_to_phys(va: int) -> int | None:
     return None
 
 
+PAGE_FRAME_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12 of a page-table entry
+PTE_PRESENT = 1 << 0
+PTE_PAGE_SIZE = 1 << 7  # in a PDPT entry: 1 GiB page; in a PD entry: 2 MiB page
+
+
+def page_walk(read_phys_u64: Callable[[int], int | None], cr3: int, va: int) -> int | None:
+    """Guest virtual → guest physical through 4-level page tables, as the MMU does.
+
+    ``read_phys_u64(pa)`` reads a guest-physical quadword (None if outside RAM).
+    Returns None where the address is not mapped.
+    """
+    table = cr3 & PAGE_FRAME_MASK
+    for shift in (39, 30, 21, 12):  # PML4, PDPT, PD, PT: 9 index bits each
+        entry = read_phys_u64(table + ((va >> shift) & 0x1FF) * 8)
+        if entry is None or not entry & PTE_PRESENT:
+            return None
+        if shift in (30, 21) and entry & PTE_PAGE_SIZE:  # a 1 GiB or 2 MiB page
+            offset_mask = (1 << shift) - 1
+            return (entry & PAGE_FRAME_MASK & ~offset_mask) | (va & offset_mask)
+        table = entry & PAGE_FRAME_MASK
+    return table | (va & 0xFFF)
+
+
+MAX_STACK_SWITCHES = 2  # IRQ stack → task stack (→ another exception stack)
+
+
 def walk_frames(read_u64: Callable[[int], int | None], rbp: int, depth: int) -> list[int]:
     """Return addresses from the RBP chain, innermost first (at most ``depth``).
 
     ``read_u64(va)`` returns the guest quadword at a kernel virtual address, or
     None where it cannot be read. The walk stops at anything implausible: a
-    frame outside the kernel, a frame pointer that does not move up the stack,
-    a return address that is not kernel text.
+    frame outside the kernel, a return address that is not kernel text, a frame
+    pointer that does not move up the stack, except for a few jumps to another
+    stack (an interrupt handler runs on the per-cpu IRQ stack, and its outermost
+    frame links back to the interrupted task's stack).
     """
     chain: list[int] = []
+    switches = 0
     while len(chain) < depth and rbp >= USER_TOP and rbp % 8 == 0:
         ret = read_u64(rbp + 8)
         if ret is None or ret < KERNEL_TEXT_MAP:
             break
         chain.append(ret)
         up = read_u64(rbp)
-        if up is None or up <= rbp or up - rbp > 0x10000:  # stacks are 16 KiB
+        if up is None or up == rbp:
             break
+        if up < rbp or up - rbp > 0x10000:  # not up the same (16 KiB) stack
+            if switches == MAX_STACK_SWITCHES:
+                break
+            switches += 1
         rbp = up
     return chain
 
@@ -199,6 +234,41 @@ def write_folded(report: Report, path: str | Path) -> None:
             f.write(f"{stack} {count}\n")
 
 
+class _KernelView:
+    """Reads guest kernel memory by virtual address during one sample.
+
+    Kernel text and the direct map translate by a constant; any other kernel
+    address (vmalloc: per-cpu IRQ stacks, vmap'ed task stacks) goes through
+    the guest's page tables, with CR3 read from the vCPU at the first need.
+    """
+
+    def __init__(self, memory, vcpu) -> None:
+        self.memory = memory
+        self.vcpu = vcpu
+        self.cr3: int | None = None
+
+    def _phys(self, va: int) -> int | None:
+        pa = guest_virt_to_phys(va)
+        if pa is None and va >= USER_TOP:
+            if self.cr3 is None:
+                self.cr3 = self.vcpu.get_sregs().cr3
+            pa = page_walk(self._read_phys_u64, self.cr3, va)
+        if pa is None or not self.memory.is_valid(pa, 8):
+            return None
+        return pa
+
+    def _read_phys_u64(self, pa: int) -> int | None:
+        return self.memory.read_u64(pa) if self.memory.is_valid(pa, 8) else None
+
+    def read_u64(self, va: int) -> int | None:
+        pa = self._phys(va)
+        return None if pa is None else self.memory.read_u64(pa)
+
+    def read_code(self, va: int) -> bytes | None:
+        pa = self._phys(va)
+        return None if pa is None else self.memory.read(pa, 8)
+
+
 class Profiler:
     """Samples the vCPUs of a Runner at ``hz`` while it runs.
 
@@ -227,8 +297,9 @@ class Profiler:
         regs = vcpu.get_regs()
         rip = regs.rip
         if rip >= USER_TOP:
-            chain = walk_frames(self._read_u64, regs.rbp, self.depth)
-            leaf = leaf_caller(self._read_u64, self._read_code, regs.rsp, chain[0] if chain else None)
+            view = _KernelView(self.memory, vcpu)  # per sample: vCPU threads sample concurrently
+            chain = walk_frames(view.read_u64, regs.rbp, self.depth)
+            leaf = leaf_caller(view.read_u64, view.read_code, regs.rsp, chain[0] if chain else None)
             stack = (rip, leaf, *chain) if leaf is not None else (rip, *chain)
         else:
             stack = (rip,)
@@ -236,17 +307,6 @@ class Profiler:
             self.samples.add(stack)
         self.tick_ns += time.perf_counter_ns() - t0
 
-    def _read_u64(self, va: int) -> int | None:
-        pa = guest_virt_to_phys(va)
-        if pa is None or not self.memory.is_valid(pa, 8):
-            return None
-        return self.memory.read_u64(pa)
-
-    def _read_code(self, va: int) -> bytes | None:
-        pa = guest_virt_to_phys(va)
-        if pa is None or not self.memory.is_valid(pa, 8):
-            return None
-        return self.memory.read(pa, 8)
 
     # --- the sampler thread ------------------------------------------------------------
     def start(self, threads: Callable[[], Iterable[threading.Thread]]) -> None:
