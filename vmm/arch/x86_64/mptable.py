@@ -10,9 +10,8 @@ the others itself through the in-kernel local APICs (INIT/SIPI).
 
 from __future__ import annotations
 
-from construct import Bytes, Int8ul, Int16ul, Int32ul, Struct
-
 from vmm.arch.x86_64 import layout
+from vmm.packed import Packed
 
 SPEC_REVISION = 4  # 1.4
 APIC_VERSION = 0x14
@@ -28,27 +27,27 @@ MP_INT = 0  # vectored interrupt from the I/O APIC
 MP_NMI = 1
 MP_EXTINT = 3
 
-FloatingPointer = Struct(
-    "signature" / Bytes(4), "physptr" / Int32ul, "length" / Int8ul, "specification" / Int8ul,
-    "checksum" / Int8ul, "feature1" / Int8ul, "feature2" / Int8ul, "feature3" / Int8ul,
-    "feature4" / Int8ul, "feature5" / Int8ul,
+FloatingPointer = Packed(
+    ("signature", "4s"), ("physptr", "I"), ("length", "B"), ("specification", "B"),
+    ("checksum", "B"), ("feature1", "B"), ("feature2", "B"), ("feature3", "B"),
+    ("feature4", "B"), ("feature5", "B"),
 )
-ConfigHeader = Struct(
-    "signature" / Bytes(4), "length" / Int16ul, "spec" / Int8ul, "checksum" / Int8ul,
-    "oem" / Bytes(8), "product" / Bytes(12), "oem_table" / Int32ul, "oem_table_size" / Int16ul,
-    "entry_count" / Int16ul, "lapic" / Int32ul, "ext_table_length" / Int16ul,
-    "ext_table_checksum" / Int8ul, "reserved" / Int8ul,
+ConfigHeader = Packed(
+    ("signature", "4s"), ("length", "H"), ("spec", "B"), ("checksum", "B"),
+    ("oem", "8s"), ("product", "12s"), ("oem_table", "I"), ("oem_table_size", "H"),
+    ("entry_count", "H"), ("lapic", "I"), ("ext_table_length", "H"),
+    ("ext_table_checksum", "B"), ("reserved", "B"),
 )
-Processor = Struct(
-    "type" / Int8ul, "apic_id" / Int8ul, "apic_version" / Int8ul, "flags" / Int8ul,
-    "signature" / Int32ul, "features" / Int32ul, "reserved" / Bytes(8),
+Processor = Packed(
+    ("type", "B"), ("apic_id", "B"), ("apic_version", "B"), ("flags", "B"),
+    ("signature", "I"), ("features", "I"), ("reserved", "8s"),
 )
-Bus = Struct("type" / Int8ul, "bus_id" / Int8ul, "bus_type" / Bytes(6))
-IoApic = Struct("type" / Int8ul, "apic_id" / Int8ul, "version" / Int8ul, "flags" / Int8ul,
-                "address" / Int32ul)
-Interrupt = Struct(
-    "type" / Int8ul, "irq_type" / Int8ul, "flags" / Int16ul, "src_bus" / Int8ul,
-    "src_irq" / Int8ul, "dst_apic" / Int8ul, "dst_pin" / Int8ul,
+Bus = Packed(("type", "B"), ("bus_id", "B"), ("bus_type", "6s"))
+IoApic = Packed(("type", "B"), ("apic_id", "B"), ("version", "B"), ("flags", "B"),
+                ("address", "I"))
+Interrupt = Packed(
+    ("type", "B"), ("irq_type", "B"), ("flags", "H"), ("src_bus", "B"),
+    ("src_irq", "B"), ("dst_apic", "B"), ("dst_pin", "B"),
 )
 
 ENTRY_PROCESSOR, ENTRY_BUS, ENTRY_IOAPIC, ENTRY_IO_INTERRUPT, ENTRY_LOCAL_INTERRUPT = range(5)
@@ -65,26 +64,26 @@ def build_mptable(cpus: int, address: int = layout.MPTABLE) -> bytes:
         raise ValueError(f"{cpus} CPUs: the MP table's 8-bit APIC ids allow 1-254")
     ioapic_id = cpus  # the next APIC id after the CPUs'
     entries = [
-        Processor.build(dict(
+        Processor.build(
             type=ENTRY_PROCESSOR, apic_id=cpu, apic_version=APIC_VERSION,
             flags=CPU_ENABLED | (CPU_BOOTSTRAP if cpu == 0 else 0),
             signature=CPU_SIGNATURE, features=CPU_FEATURES, reserved=bytes(8),
-        ))
+        )
         for cpu in range(cpus)
     ]
-    entries.append(Bus.build(dict(type=ENTRY_BUS, bus_id=0, bus_type=b"ISA   ")))
-    entries.append(IoApic.build(dict(type=ENTRY_IOAPIC, apic_id=ioapic_id, version=IOAPIC_VERSION,
-                                     flags=1, address=layout.IOAPIC_BASE)))
+    entries.append(Bus.build(type=ENTRY_BUS, bus_id=0, bus_type=b"ISA   "))
+    entries.append(IoApic.build(type=ENTRY_IOAPIC, apic_id=ioapic_id, version=IOAPIC_VERSION,
+                                flags=1, address=layout.IOAPIC_BASE))
     # ISA IRQ n → I/O APIC pin n: KVM's default routing wires GSI n to pin n.
     for irq in range(ISA_IRQS):
-        entries.append(Interrupt.build(dict(
+        entries.append(Interrupt.build(
             type=ENTRY_IO_INTERRUPT, irq_type=MP_INT, flags=0, src_bus=0, src_irq=irq,
             dst_apic=ioapic_id, dst_pin=irq,
-        )))
-    entries.append(Interrupt.build(dict(type=ENTRY_LOCAL_INTERRUPT, irq_type=MP_EXTINT, flags=0,
-                                        src_bus=0, src_irq=0, dst_apic=0xFF, dst_pin=0)))
-    entries.append(Interrupt.build(dict(type=ENTRY_LOCAL_INTERRUPT, irq_type=MP_NMI, flags=0,
-                                        src_bus=0, src_irq=0, dst_apic=0xFF, dst_pin=1)))
+        ))
+    entries.append(Interrupt.build(type=ENTRY_LOCAL_INTERRUPT, irq_type=MP_EXTINT, flags=0,
+                                   src_bus=0, src_irq=0, dst_apic=0xFF, dst_pin=0))
+    entries.append(Interrupt.build(type=ENTRY_LOCAL_INTERRUPT, irq_type=MP_NMI, flags=0,
+                                   src_bus=0, src_irq=0, dst_apic=0xFF, dst_pin=1))
     body = b"".join(entries)
     header = dict(
         signature=b"PCMP", length=ConfigHeader.sizeof() + len(body), spec=SPEC_REVISION,
@@ -92,10 +91,10 @@ def build_mptable(cpus: int, address: int = layout.MPTABLE) -> bytes:
         entry_count=len(entries), lapic=layout.LAPIC_BASE, ext_table_length=0,
         ext_table_checksum=0, reserved=0,
     )
-    header["checksum"] = checksum_byte(ConfigHeader.build(header) + body)
-    config = ConfigHeader.build(header) + body
+    header["checksum"] = checksum_byte(ConfigHeader.build(**header) + body)
+    config = ConfigHeader.build(**header) + body
     pointer = dict(signature=b"_MP_", physptr=address + FloatingPointer.sizeof(), length=1,
                    specification=SPEC_REVISION, checksum=0, feature1=0, feature2=0,
                    feature3=0, feature4=0, feature5=0)
-    pointer["checksum"] = checksum_byte(FloatingPointer.build(pointer))
-    return FloatingPointer.build(pointer) + config
+    pointer["checksum"] = checksum_byte(FloatingPointer.build(**pointer))
+    return FloatingPointer.build(**pointer) + config
