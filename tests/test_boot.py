@@ -1,6 +1,6 @@
 """Whole-guest boots through the real CLI: our kernel, our initramfs, real commands.
 
-Each test is one boot (35-55 s on our PVM CI host, where guest kernel code runs
+Each test is one boot (12-30 s on our PVM CI host, where guest kernel code runs
 in KVM's emulator; well under a second on hardware KVM), so each boot checks
 as much as it can.
 """
