@@ -69,3 +69,16 @@ def test_root_on_an_ext4_image_built_by_vmm(tmp_path: Path) -> None:
     assert result.stdout.decode().split() == ["/dev/vda", "ext4"]
     dump = subprocess.run(["debugfs", "-R", "cat /root/note", str(image)], capture_output=True)
     assert dump.stdout == b"persisted\n"
+
+    # The same image attached read-only: mounted read-only (a read-write mount of a
+    # read-only disk fails), writes refused, the image byte for byte as it was.
+    before = image.read_bytes()
+    result = vmm_run("--disk", f"{image},ro", "--root", "/dev/vda", "--", "sh", "-c",
+                     "grep ' / ' /proc/mounts | cut -d' ' -f4 | cut -d, -f1; cat /root/note; "
+                     "echo changed > /root/note && echo written")
+    out = result.stdout.decode()  # the guest's stdout and stderr share the serial console
+    assert result.returncode != 0, out
+    assert out.splitlines()[:2] == ["ro", "persisted"]  # also: the first boot left it clean
+    assert "can't create /root/note: Read-only file system" in out
+    assert "written" not in out
+    assert image.read_bytes() == before

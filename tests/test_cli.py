@@ -157,3 +157,14 @@ def test_check_without_dev_kvm(monkeypatch):
     assert "Traceback" not in result.output
     assert re.search(r"^kvm: (pvm|intel|amd|unknown) ", result.output, re.M)
     assert "/dev/kvm: NOT USABLE: /dev/kvm: not found" in result.output
+
+
+def test_root_on_a_read_only_disk_is_mounted_read_only() -> None:
+    from vmm.cli.run import _root_disk_is_read_only
+    from vmm.config import DiskConfig
+
+    disks = (DiskConfig("a.img"), DiskConfig("b.img", read_only=True))
+    assert not _root_disk_is_read_only("/dev/vda", disks)
+    assert _root_disk_is_read_only("/dev/vdb", disks)
+    assert not _root_disk_is_read_only("/dev/vdc", disks)  # no such disk: the guest will say
+    assert not _root_disk_is_read_only("/dev/sda", disks)

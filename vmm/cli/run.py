@@ -62,10 +62,15 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
         raise UsageError("--profile/--initcalls: only for Linux guests, not --firmware")
     if initcalls:  # the timings come through the kernel log: show it, at debug level
         cmdline, console_log = f"{cmdline} initcall_debug loglevel=8".strip(), True
+    disk_configs = tuple(DiskConfig.parse(d) for d in disks)
+    if root:
+        cmdline = f"{cmdline} vmm.root={root}".strip()
+        if _root_disk_is_read_only(root, disk_configs):
+            cmdline += " ro"  # our /init (and the kernel, for a root it mounts) mount it read-only
     config = VmConfig(
         mem=mem_bytes, cpus=cpus, firmware=firmware, kernel=kernel, initrd=initrd,
-        cmdline=f"{cmdline} vmm.root={root}" if root else cmdline, command=tuple(command),
-        disks=tuple(DiskConfig.parse(d) for d in disks),
+        cmdline=cmdline, command=tuple(command),
+        disks=disk_configs,
         virtio_notify=virtio_notify, runloop=runloop, trace=trace, stats=stats, timeout=timeout,
         console_log=console_log,
         interactive=not command and sys.stdin.isatty(),
@@ -90,3 +95,14 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
     if recorder is not None:
         recorder.finish(result)
     sys.exit(result.status)
+
+
+def _root_disk_is_read_only(root: str, disks) -> bool:
+    """--root /dev/vdX names the X-th --disk (virtio-blk devices are probed in order)."""
+    import re
+
+    match = re.fullmatch(r"/dev/vd([a-z])", root)
+    if not match:
+        return False
+    index = ord(match.group(1)) - ord("a")
+    return index < len(disks) and disks[index].read_only

@@ -13,7 +13,7 @@
  * 5. report its exit status to vmm through the debug-exit port, which ends
  *    the VM at once (no shutdown sequence needed: nothing is left to flush
  *    that the guest kernel would write back... except dirty disk pages, so
- *    we sync() first).
+ *    we sync() first, and remount a disk root read-only to leave it clean).
  *
  * Ports are reached with pwrite() on /dev/port: the kernel does the `out`
  * in kernel mode. Keep the port numbers in sync with vmm/arch/x86_64/layout.py
@@ -57,9 +57,19 @@ static void port_write(unsigned port, unsigned char value)
         close(fd);
 }
 
+/* Where a disk root is mounted ("/newroot" from the initramfs, "/" when the
+ * kernel mounted it), or NULL. */
+static const char *disk_root;
+
 static void finish(int status)
 {
     sync();
+    /* Leave the disk clean: on a read-only remount ext4 marks its journal
+     * recovered, so the image needs no recovery at its next mount (which a
+     * read-only attached disk could not do). Best effort: files still open for
+     * writing (orphans) make it fail, and the sync() above is what counts. */
+    if (disk_root)
+        mount(NULL, disk_root, NULL, MS_REMOUNT | MS_RDONLY, NULL);
     port_write(BOOT_TIMER_PORT, BOOT_TIMER_COMMAND_DONE);
     port_write(EXIT_PORT, (unsigned char)status);
     /* Not reached under vmm; under another VMM power off instead. */
@@ -151,11 +161,16 @@ static int running_from_initramfs(void)
 static void enter_root(const char *device, int read_only)
 {
     static const char *types[] = {"ext4", "ext3", "ext2", "btrfs", "xfs", "vfat", NULL};
+    int why = ENODEV;  /* ENODEV: "no such file system type"; report a more telling errno */
     mkdir("/newroot", 0755);
-    for (const char **t = types; *t; t++)
+    for (const char **t = types; *t; t++) {
         if (mount(device, "/newroot", *t, read_only ? MS_RDONLY : 0, NULL) == 0)
             goto mounted;
-    dprintf(2, "vmm-init: cannot mount root %s: %s\n", device, strerror(errno));
+        if (why == ENODEV || why == EINVAL)  /* EINVAL: not this type's superblock */
+            why = errno;
+    }
+    dprintf(2, "vmm-init: cannot mount root %s%s: %s\n", device,
+            read_only ? " read-only" : "", strerror(why));
     finish(126);
 mounted:
     /* Give the new root the same /proc, /sys, /dev. */
@@ -204,11 +219,14 @@ int main(void)
     setenv("HOME", "/root", 1);
     setenv("TERM", interactive ? "vt100" : "dumb", 1);
 
+    int from_initramfs = running_from_initramfs();
+    int root_given = cmdline_value(cmdline, "vmm.root", root, sizeof(root)) ||
+                     cmdline_value(cmdline, "root", root, sizeof(root));
+    disk_root = !from_initramfs ? "/" : root_given ? "/newroot" : NULL;
+
     pid_t child = fork();
     if (child == 0) {
-        if (running_from_initramfs() &&
-            (cmdline_value(cmdline, "vmm.root", root, sizeof(root)) ||
-             cmdline_value(cmdline, "root", root, sizeof(root))))
+        if (from_initramfs && root_given)
             enter_root(root, cmdline_flag(cmdline, "ro"));
         if (interactive) {
             /* A session with the console as controlling tty: job control, ^C. */
