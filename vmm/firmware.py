@@ -29,6 +29,7 @@ from pathlib import Path
 from vmm.arch.x86_64 import layout
 from vmm.cache import cache_dir
 from vmm.errors import GuestBuildError, LoaderError
+from vmm.package_data import source_folder
 
 #: The package that ships ``firmware/`` when vmm is installed (setuptools
 #: package data); in a source checkout we use the folder itself.
@@ -59,15 +60,7 @@ RESET_STUB_SIZE = 0x10000 - layout.RESET_IP  # 16 bytes, F000:FFF0..FFFF
 
 def source_dir() -> Path:
     """The folder holding the firmware sources (``*.S``, ``*.inc``, ``firmware.ld``)."""
-    try:
-        from importlib.resources import files
-
-        traversable = files(SOURCE_PACKAGE)
-    except (ImportError, TypeError, ValueError):
-        traversable = None
-    if isinstance(traversable, Path) and (traversable / LINKER_SCRIPT).is_file():
-        return traversable
-    return Path(__file__).resolve().parents[1] / "firmware"
+    return source_folder(SOURCE_PACKAGE, LINKER_SCRIPT, "firmware")
 
 
 def available_firmware() -> list[str]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from vmm.errors import GuestBuildError
+from vmm.package_data import source_folder
 
 #: The package that ships ``guest-kernel/`` when vmm is installed (setuptools
 #: package data); in a source checkout we use the folder itself.
@@ -59,15 +60,7 @@ class KernelArtifacts:
 
 def guest_kernel_dir() -> Path:
     """The folder holding build.sh, the config fragment and the patches."""
-    try:
-        from importlib.resources import files
-
-        traversable = files(SOURCE_PACKAGE)
-    except (ImportError, TypeError, ValueError):
-        traversable = None
-    if isinstance(traversable, Path) and (traversable / BUILD_SCRIPT).is_file():
-        return traversable
-    return Path(__file__).resolve().parents[2] / "guest-kernel"
+    return source_folder(SOURCE_PACKAGE, BUILD_SCRIPT, "guest-kernel")
 
 
 def _script() -> Path:
