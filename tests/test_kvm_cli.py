@@ -71,11 +71,12 @@ def test_timeout_from_the_cli(tmp_path):
     assert time.monotonic() - start < 5
 
 
-def _sigterm_within_a_second(argv):
+def _sigterm_within_a_second(argv, settle: float = 0.2):
+    """Start argv, wait for its "r" line and ``settle`` s more, SIGTERM it: (status, s taken, stderr)."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert process.stdout.readline() == b"r\n"  # the guest is running
-        time.sleep(0.2)
+        time.sleep(settle)
         assert process.poll() is None
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -111,21 +112,9 @@ def test_sigterm_stops_exitbench_with_a_huge_count(runloop):
                               bench_count=0xFFFFFFFF)
         sys.exit(result.status)
     """)
-    process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
-    try:
-        assert process.stdout.readline() == b"r\n"
-        time.sleep(1.0)  # well into the loop of exits
-        assert process.poll() is None
-        sent = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        status = process.wait(timeout=5)
-        took = time.monotonic() - sent
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert status == 143, process.stderr.read()
+    # settle 1 s: well into the loop of exits
+    status, took, err = _sigterm_within_a_second([sys.executable, "-c", program], settle=1.0)
+    assert status == 143, err
     assert took < 1.0
 
 
