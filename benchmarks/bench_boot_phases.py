@@ -14,8 +14,9 @@ The "before" variant is the guest as it was before the diet (docs/profiling.md):
 the saved pre-diet vmlinux (default ``~/.cache/vmm/kernel-prediet/vmlinux``,
 copied there from the kernel cache before guest-kernel/config changed) booted
 *without* the command-line part of the diet (the options listed in
-:data:`DIET_CMDLINE` and :data:`DIET_HIDDEN_FEATURES` are taken out of vmm's
-command line for it, in the child process only).
+:data:`DIET_CMDLINE` and :data:`DIET_HIDDEN_FEATURES`, and PVM's cost-only
+options ``PVM_COST_OPTIONS``, are taken out of vmm's command line for it, in the
+child process only).
 
 Then one more run per variant with ``--profile`` gives the top profile entries
 and the profiler's overhead (its boot-to-init against the unprofiled median).
@@ -52,8 +53,11 @@ if spec["undiet"]:
     import vmm.arch.x86_64.pvm as p
     b.BASE_CMDLINE = tuple(o for o in b.BASE_CMDLINE
                            if not any(o.startswith(d) for d in spec["diet_cmdline"]))
-    p.PVM_CMDLINE = ("noxsave", "clearcpuid=" + ",".join(
-        f for f in p.PVM_HIDDEN_FEATURES if f not in spec["diet_features"]))
+    # The PVM options as pvm.py builds them, less the diet: hidden ERMS/FSRM and the cost options.
+    p.PVM_CMDLINE = tuple(
+        "clearcpuid=" + ",".join(f for f in p.PVM_HIDDEN_FEATURES if f not in spec["diet_features"])
+        if o.startswith("clearcpuid=") else o
+        for o in p.PVM_CMDLINE if o not in p.PVM_COST_OPTIONS)
 sys.argv = ["vmm", "run", *spec["args"]]
 from vmm.cli import main
 main()
