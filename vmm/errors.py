@@ -51,3 +51,7 @@ class GuestBuildError(VmmError):
 
 class DeviceError(VmmError):
     """A device could not be set up (a disk image in use, unreadable, ...)."""
+
+
+class SnapshotError(VmmError):
+    """A snapshot that cannot be saved or restored: missing, corrupt, or for another VM or host."""

@@ -23,8 +23,11 @@ KVM_GET_SUPPORTED_CPUID KVM_GET_MSR_INDEX_LIST
 KVM_CREATE_VCPU KVM_SET_USER_MEMORY_REGION KVM_SET_TSS_ADDR KVM_SET_IDENTITY_MAP_ADDR
 KVM_CREATE_IRQCHIP KVM_CREATE_PIT2 KVM_IRQ_LINE KVM_IRQFD KVM_IOEVENTFD
 KVM_RUN KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
-KVM_SET_CPUID2 KVM_GET_MSRS KVM_SET_MSRS KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS
+KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_MSRS KVM_SET_MSRS KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS
 KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_GET_LAPIC KVM_SET_LAPIC
+KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
+KVM_GET_TSC_KHZ KVM_GET_IRQCHIP KVM_SET_IRQCHIP KVM_GET_PIT2 KVM_SET_PIT2
+KVM_GET_CLOCK KVM_SET_CLOCK
 """.split()
 
 CONSTANTS = """
@@ -44,6 +47,8 @@ KVM_CAP_SIGNAL_MSI KVM_CAP_IRQ_ROUTING KVM_CAP_SET_GUEST_DEBUG KVM_CAP_TSC_CONTR
 KVM_CAP_INTERNAL_ERROR_DATA KVM_CAP_X86_USER_SPACE_MSR
 KVM_MEM_READONLY KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO
 KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
+KVM_CAP_XCRS KVM_CAP_DEBUGREGS KVM_CAP_ADJUST_CLOCK KVM_CAP_GET_TSC_KHZ KVM_CAP_PIT_STATE2
+KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
 KVM_VCPUEVENT_VALID_NMI_PENDING KVM_VCPUEVENT_VALID_SIPI_VECTOR
 """.split()
 
@@ -112,6 +117,15 @@ struct kvm_ioeventfd { uint64_t datamatch; uint64_t addr; uint32_t len; int32_t 
                        uint32_t flags; ...; };
 struct kvm_mp_state { uint32_t mp_state; ...; };
 struct kvm_lapic_state { char regs[1024]; ...; };
+/* Snapshot state: saved and restored as whole structs (the KVM ABI), so only
+   the fields vmm reads itself are named. */
+struct kvm_xsave { uint32_t region[1024]; ...; };
+struct kvm_xcr { uint32_t xcr; uint64_t value; ...; };
+struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[16]; ...; };
+struct kvm_debugregs { uint64_t dr6; uint64_t dr7; ...; };
+struct kvm_irqchip { uint32_t chip_id; ...; };
+struct kvm_pit_state2 { uint32_t flags; ...; };
+struct kvm_clock_data { uint64_t clock; uint32_t flags; uint64_t realtime; uint64_t host_tsc; ...; };
 struct kvm_vcpu_events {
     struct { uint8_t injected; uint8_t nr; uint8_t has_error_code; uint8_t pending;
              uint32_t error_code; } exception;

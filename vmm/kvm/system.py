@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import TYPE_CHECKING
 
-from vmm.errors import KvmUnavailableError
+from vmm.errors import KvmError, KvmUnavailableError
 from vmm.kvm.ioctl import ffi, ioctl, lib
 
 if TYPE_CHECKING:
@@ -77,6 +78,19 @@ class Kvm:
             (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
             for e in (cpuid.entries[i] for i in range(cpuid.nent))
         ]
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: every MSR a VMM should save and restore for a vCPU."""
+        probe = ffi.new("struct kvm_msr_list *", {"nmsrs": 0, "indices": 0})
+        try:
+            ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", probe)
+        except KvmError as e:
+            if e.errno != errno.E2BIG:  # E2BIG: too small, and nmsrs now says how many
+                raise
+        count = probe.nmsrs
+        msrs = ffi.new("struct kvm_msr_list *", {"nmsrs": count, "indices": count})
+        ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", msrs)
+        return [msrs.indices[i] for i in range(msrs.nmsrs)]
 
     def create_vm(self) -> "Vm":
         from vmm.kvm.vm import Vm

@@ -71,6 +71,13 @@ class Vcpu:
             slot.eax, slot.ebx, slot.ecx, slot.edx = eax, ebx, ecx, edx
         ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
 
+    def get_cpuid2(self, max_entries: int = 256) -> list[tuple[int, int, int, int, int, int, int]]:
+        """KVM_GET_CPUID2: the table this vCPU was given, as KVM holds it."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
+        ioctl(self.fd, "KVM_GET_CPUID2", cpuid)
+        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (cpuid.entries[i] for i in range(cpuid.nent))]
+
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
         for entry, index in zip(msrs.entries, indices):
@@ -108,6 +115,35 @@ class Vcpu:
 
     def set_lapic(self, lapic: Any) -> None:
         ioctl(self.fd, "KVM_SET_LAPIC", lapic)
+
+    def get_xsave(self) -> Any:
+        """KVM_GET_XSAVE: x87, SSE and (where XCR0 enables them) AVX... registers, 4 KiB."""
+        xsave = ffi.new("struct kvm_xsave *")
+        ioctl(self.fd, "KVM_GET_XSAVE", xsave)
+        return xsave
+
+    def set_xsave(self, xsave: Any) -> None:
+        ioctl(self.fd, "KVM_SET_XSAVE", xsave)
+
+    def get_xcrs(self) -> Any:
+        xcrs = ffi.new("struct kvm_xcrs *")
+        ioctl(self.fd, "KVM_GET_XCRS", xcrs)
+        return xcrs
+
+    def set_xcrs(self, xcrs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_XCRS", xcrs)
+
+    def get_debugregs(self) -> Any:
+        debugregs = ffi.new("struct kvm_debugregs *")
+        ioctl(self.fd, "KVM_GET_DEBUGREGS", debugregs)
+        return debugregs
+
+    def set_debugregs(self, debugregs: Any) -> None:
+        ioctl(self.fd, "KVM_SET_DEBUGREGS", debugregs)
+
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ: the guest's TSC frequency (the host's, without TSC scaling)."""
+        return ioctl(self.fd, "KVM_GET_TSC_KHZ")
 
     # --- helpers on the kvm_run page --------------------------------------------
     def request_immediate_exit(self) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vmm.kvm.ioctl import ffi, ioctl, lib
 
@@ -50,6 +50,32 @@ class Vm:
     def create_pit2(self) -> None:
         config = ffi.new("struct kvm_pit_config *", {"flags": 0})
         ioctl(self.fd, "KVM_CREATE_PIT2", config)
+
+    def get_irqchip(self, chip_id: int) -> Any:
+        """KVM_GET_IRQCHIP: one of the in-kernel PIC master, PIC slave or IOAPIC."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        ioctl(self.fd, "KVM_GET_IRQCHIP", chip)
+        return chip
+
+    def set_irqchip(self, chip: Any) -> None:
+        ioctl(self.fd, "KVM_SET_IRQCHIP", chip)
+
+    def get_pit2(self) -> Any:
+        pit = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, "KVM_GET_PIT2", pit)
+        return pit
+
+    def set_pit2(self, pit: Any) -> None:
+        ioctl(self.fd, "KVM_SET_PIT2", pit)
+
+    def get_clock(self) -> Any:
+        """KVM_GET_CLOCK: the VM's kvmclock (ns), what a paravirtual guest reads as time."""
+        clock = ffi.new("struct kvm_clock_data *")
+        ioctl(self.fd, "KVM_GET_CLOCK", clock)
+        return clock
+
+    def set_clock(self, clock: Any) -> None:
+        ioctl(self.fd, "KVM_SET_CLOCK", clock)
 
     def irq_line(self, irq: int, level: int) -> None:
         line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
