@@ -8,6 +8,7 @@ the VM. Ports: data at offset 0 (0x60), command/status at offset 4 (0x64).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 DATA = 0
@@ -28,6 +29,13 @@ CMD_TEST_AUX = 0xA9
 CMD_PULSE_RESET = 0xFE
 
 SELF_TEST_OK = 0x55
+
+
+@dataclass(frozen=True)
+class I8042State:
+    output: int | None = None  # the byte waiting in the output buffer
+    ctr: int = 0x00  # controller configuration byte
+    expect_ctr: bool = False  # the next data byte is a new configuration byte
 
 
 class I8042:
@@ -68,3 +76,12 @@ class I8042:
         elif value == CMD_PULSE_RESET or (value & 0xF0 == 0xF0 and not value & 0x01):
             # 0xF0-0xFF pulse output lines; bit 0 low pulses the CPU reset line.
             self._on_reset()
+
+    # --- state (snapshots) -----------------------------------------------------------
+    def state(self) -> I8042State:
+        return I8042State(self._output, self._ctr, self._expect_ctr)
+
+    def restore(self, state: I8042State) -> None:
+        self._output = None if state.output is None else state.output & 0xFF
+        self._ctr = state.ctr & 0xFF
+        self._expect_ctr = bool(state.expect_ctr)

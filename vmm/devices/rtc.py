@@ -10,6 +10,7 @@ docs/). We answer every register it reads, from the host's clock, in BCD and
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 INDEX = 0
 DATA = 1
@@ -34,6 +35,14 @@ STATUS_D_VALID = 0x80  # "RAM and time valid": battery good
 
 def _bcd(value: int) -> int:
     return ((value // 10) << 4) | (value % 10)
+
+
+@dataclass(frozen=True)
+class RtcState:
+    """The selected register and the 128 bytes of CMOS RAM (the clock itself is the host's)."""
+
+    index: int = 0
+    ram: bytes = bytes(128)
 
 
 class CmosRtc:
@@ -72,3 +81,13 @@ class CmosRtc:
         if index == REG_STATUS_C:
             return 0  # no interrupt flags
         return self._ram[index]
+
+    # --- state (snapshots) -----------------------------------------------------------
+    def state(self) -> RtcState:
+        return RtcState(self._index, bytes(self._ram))
+
+    def restore(self, state: RtcState) -> None:
+        if len(state.ram) != len(self._ram):
+            raise ValueError(f"rtc state: {len(state.ram)} bytes of CMOS RAM, expected {len(self._ram)}")
+        self._index = state.index & 0x7F
+        self._ram = bytearray(state.ram)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from vmm.devices.bus import PortRule
@@ -74,6 +75,23 @@ MSR_DCD = 0x80
 FIFO_SIZE = 64  # receive FIFO; the real 16550A has 16, a bigger one loses less input
 
 
+@dataclass(frozen=True)
+class SerialState:
+    """Everything the guest can observe of the UART: its registers and the receive FIFO."""
+
+    ier: int = 0
+    lcr: int = 0x03
+    mcr: int = MCR_OUT2
+    lsr: int = LSR_THRE | LSR_TEMT
+    msr: int = MSR_DSR | MSR_CTS | MSR_DCD
+    scr: int = 0
+    dll: int = 0x0C
+    dlm: int = 0
+    fcr: int = 0
+    thr_interrupt: bool = False
+    rx_fifo: bytes = b""
+
+
 class Serial16550:
     def __init__(
         self,
@@ -97,6 +115,28 @@ class Serial16550:
         self.fast_path_generation = 0
         self.bytes_out = 0
         self.interrupts = 0
+
+    # --- state (snapshots) -------------------------------------------------------------
+    def state(self) -> SerialState:
+        with self._lock:
+            return SerialState(
+                ier=self.ier, lcr=self.lcr, mcr=self.mcr, lsr=self.lsr, msr=self.msr,
+                scr=self.scr, dll=self.dll, dlm=self.dlm, fcr=self.fcr,
+                thr_interrupt=self._thr_interrupt, rx_fifo=bytes(self._rx),
+            )
+
+    def restore(self, state: SerialState) -> None:
+        """Take on a saved state; the interrupt line follows it (the irqchip is restored first)."""
+        if len(state.rx_fifo) > FIFO_SIZE:
+            raise ValueError(f"serial state: {len(state.rx_fifo)} bytes in a {FIFO_SIZE}-byte FIFO")
+        with self._lock:
+            self.ier, self.lcr, self.mcr = state.ier & IER_MASK, state.lcr & 0xFF, state.mcr & MCR_MASK
+            self.lsr, self.msr, self.scr = state.lsr & 0xFF, state.msr & 0xFF, state.scr & 0xFF
+            self.dll, self.dlm, self.fcr = state.dll & 0xFF, state.dlm & 0xFF, state.fcr & 0xFF
+            self._thr_interrupt = bool(state.thr_interrupt)
+            self._rx = deque(state.rx_fifo)
+            self._update_interrupt()
+            self._fast_path_changed()
 
     # --- host side ---------------------------------------------------------------
     def enqueue_input(self, data: bytes) -> int:

@@ -154,6 +154,26 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
 
 
 # --- the queue -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueueState:
+    """A queue's registers and the device's place in its rings (as vm-virtio's QueueState).
+
+    The rings themselves live in guest RAM, which a snapshot saves anyway.
+    """
+
+    size: int
+    ready: bool
+    desc_table: int
+    avail_ring: int
+    used_ring: int
+    event_idx: bool
+    indirect: bool
+    next_avail: int
+    next_used: int
+    signalled_used: int | None
+    broken: str | None
+
+
 class Queue:
     """One split virtqueue: its registers (set by the transport) and the device's view."""
 
@@ -178,6 +198,31 @@ class Queue:
         self.next_used = 0  # free-running: the used.idx we will publish next
         self.signalled_used: int | None = None  # next_used when we last decided on an interrupt
         self.memory: GuestMemory | None = None
+
+    # --- state (snapshots) -------------------------------------------------------------
+    def state(self) -> QueueState:
+        return QueueState(
+            size=self.size, ready=self.ready, desc_table=self.desc_table,
+            avail_ring=self.avail_ring, used_ring=self.used_ring, event_idx=self.event_idx,
+            indirect=self.indirect, next_avail=self.next_avail, next_used=self.next_used,
+            signalled_used=self.signalled_used, broken=self.broken,
+        )
+
+    def restore(self, state: QueueState, memory: GuestMemory) -> None:
+        """Take on a saved state; a ready queue's rings must lie in ``memory``."""
+        self.reset()
+        self.size = state.size
+        self.desc_table, self.avail_ring, self.used_ring = (
+            state.desc_table, state.avail_ring, state.used_ring)
+        self.next_avail, self.next_used = state.next_avail & 0xFFFF, state.next_used & 0xFFFF
+        self.signalled_used = None if state.signalled_used is None else state.signalled_used & 0xFFFF
+        self.broken = state.broken
+        if state.ready:
+            problem = self.check_areas(memory)
+            if problem:
+                raise ValueError(f"queue state: {problem}")
+            self.activate(memory, event_idx=state.event_idx, indirect=state.indirect)
+            self.ready = True
 
     # --- set-up, by the transport ------------------------------------------------------
     @staticmethod
