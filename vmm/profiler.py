@@ -55,28 +55,7 @@ def guest_virt_to_phys(va: int) -> int | None:
     return None
 
 
-PAGE_FRAME_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12 of a page-table entry
-PTE_PRESENT = 1 << 0
-PTE_PAGE_SIZE = 1 << 7  # in a PDPT entry: 1 GiB page; in a PD entry: 2 MiB page
-
-
-def page_walk(read_phys_u64: Callable[[int], int | None], cr3: int, va: int) -> int | None:
-    """Guest virtual → guest physical through 4-level page tables, as the MMU does.
-
-    ``read_phys_u64(pa)`` reads a guest-physical quadword (None if outside RAM).
-    Returns None where the address is not mapped.
-    """
-    table = cr3 & PAGE_FRAME_MASK
-    for shift in (39, 30, 21, 12):  # PML4, PDPT, PD, PT: 9 index bits each
-        entry = read_phys_u64(table + ((va >> shift) & 0x1FF) * 8)
-        if entry is None or not entry & PTE_PRESENT:
-            return None
-        if shift in (30, 21) and entry & PTE_PAGE_SIZE:  # a 1 GiB or 2 MiB page
-            offset_mask = (1 << shift) - 1
-            return (entry & PAGE_FRAME_MASK & ~offset_mask) | (va & offset_mask)
-        table = entry & PAGE_FRAME_MASK
-    return table | (va & 0xFFF)
-
+from vmm.arch.x86_64.paging import page_walk  # noqa: E402 (shared with the snapshot mailbox)
 
 MAX_STACK_SWITCHES = 2  # IRQ stack → task stack (→ another exception stack)
 

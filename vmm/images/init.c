@@ -10,6 +10,11 @@
  * 4. run the command vmm passed as vmm.argv=... (each argument
  *    percent-encoded, arguments separated by %00, so any argv survives the
  *    kernel's command-line parser), or an interactive shell when there is none;
+ *    With vmm.mailbox on the command line (snapshots, `vmm run`'s warm start),
+ *    the command comes instead through a mailbox: init tells vmm where its
+ *    request buffer is and stops there, at the *ready point*; vmm saves the VM
+ *    or delivers a request: argv, the host's wall-clock time and fresh entropy
+ *    (a restored guest is a new machine: see docs/snapshots.md);
  * 5. report its exit status to vmm through the debug-exit port, which ends
  *    the VM at once (no shutdown sequence needed: nothing is left to flush
  *    that the guest kernel would write back... except dirty disk pages, so
@@ -23,6 +28,9 @@
  * the initramfs costs unpack time in the guest.
  */
 #include <errno.h>
+#include <limits.h>
+#include <stdint.h>
+#include <time.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -43,6 +51,10 @@
 #error "BOOT_TIMER_PORT must be defined (vmm/arch/x86_64/layout.py)"
 #endif
 
+#ifndef MAILBOX_PORT
+#error "MAILBOX_PORT must be defined (vmm/arch/x86_64/layout.py)"
+#endif
+
 #define BOOT_TIMER_INIT_REACHED 1
 #define BOOT_TIMER_COMMAND_DONE 2
 #define MAX_ARGS 256
@@ -56,6 +68,51 @@ static void port_write(unsigned port, unsigned char value)
     if (fd >= 0)
         close(fd);
 }
+
+/*
+ * The mailbox (vmm/devices/mailbox.py has the other side). Init fills in a
+ * descriptor of its request buffer and writes its 16 bytes to the mailbox's
+ * 16 ports (/dev/port writes consecutive ports). The last byte is the ready
+ * point: vmm stops the VM there (to save it, or to deliver a request to a VM
+ * restored from it) and writes the request straight into the buffer's
+ * guest-physical pages, found through this process's page tables. So every
+ * page of the buffer must be present before the descriptor goes out: the
+ * memset does that (anonymous pages stay put: no swap in this guest).
+ */
+#define MAILBOX_SIZE (64 * 1024)
+#define MAILBOX_MAGIC 0x524d4d56u   /* "VMMR": a descriptor */
+#define REQUEST_MAGIC 0x51524d56u   /* "VMRQ": a request */
+#define REQUEST_VERSION 1
+#define REQUEST_INTERACTIVE 1u
+
+struct mailbox_descriptor {
+    uint64_t address;   /* the request buffer, a virtual address in this process */
+    uint32_t length;
+    uint32_t magic;     /* written last: the ready point */
+};
+
+struct request {
+    uint32_t magic;
+    uint16_t version;
+    uint16_t flags;
+    uint32_t argc;
+    uint32_t argv_bytes;  /* NUL-terminated arguments, one after the other */
+    int64_t realtime_sec;  /* the host's CLOCK_REALTIME when vmm wrote this */
+    uint32_t realtime_nsec;
+    uint32_t seed_bytes;
+    uint8_t seed[64];     /* fresh host entropy for this run's CRNG */
+    char argv[];
+};
+
+/* From <linux/random.h>, which musl-gcc does not see: the ABI is fixed. */
+struct rand_pool_info {
+    int entropy_count;   /* bits credited */
+    int buf_size;        /* bytes */
+};
+#define RNDADDENTROPY _IOW('R', 0x03, int[2])
+#define RNDRESEEDCRNG _IO('R', 0x07)
+
+static unsigned char mailbox[MAILBOX_SIZE] __attribute__((aligned(4096)));
 
 /* Where a disk root is mounted ("/newroot" from the initramfs, "/" when the
  * kernel mounted it), or NULL. */
@@ -183,6 +240,101 @@ mounted:
     }
 }
 
+/* Stop at the ready point; return the request vmm delivered (NULL if none). */
+static struct request *wait_for_request(void)
+{
+    struct mailbox_descriptor ready = {
+        .address = (uint64_t)(uintptr_t)mailbox, .length = sizeof(mailbox),
+        .magic = MAILBOX_MAGIC,
+    };
+    memset(mailbox, 0, sizeof(mailbox));
+    int fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || pwrite(fd, &ready, sizeof(ready), MAILBOX_PORT) != sizeof(ready)) {
+        dprintf(2, "vmm-init: mailbox: %s\n", strerror(errno));
+        return NULL;
+    }
+    close(fd);
+    /* ...a restored VM goes on from here, with the request in the mailbox. */
+    struct request *request = (struct request *)mailbox;
+    if (request->magic != REQUEST_MAGIC || request->version != REQUEST_VERSION ||
+        request->seed_bytes > sizeof(request->seed) ||
+        request->argv_bytes > sizeof(mailbox) - sizeof(*request) ||
+        request->argc >= MAX_ARGS) {
+        dprintf(2, "vmm-init: mailbox: no valid request from vmm\n");
+        return NULL;
+    }
+    return request;
+}
+
+/* A restored VM is a new machine: the host's wall-clock time, fresh entropy. */
+static void become_new_machine(const struct request *request)
+{
+    struct timespec now = {.tv_sec = request->realtime_sec, .tv_nsec = request->realtime_nsec};
+    if (clock_settime(CLOCK_REALTIME, &now) < 0)
+        dprintf(2, "vmm-init: clock_settime: %s\n", strerror(errno));
+    if (!request->seed_bytes)
+        return;
+    /* Mix the seed into the input pool, credited, then make the CRNG reseed
+     * from it now: without the reseed the CRNG would go on from the state it
+     * had in the snapshot, the same in every VM restored from it. */
+    struct {
+        struct rand_pool_info info;
+        uint8_t bytes[sizeof(request->seed)];
+    } entropy;
+    entropy.info.entropy_count = (int)request->seed_bytes * 8;
+    entropy.info.buf_size = (int)request->seed_bytes;
+    memcpy(entropy.bytes, request->seed, request->seed_bytes);
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || ioctl(fd, RNDADDENTROPY, &entropy) < 0 || ioctl(fd, RNDRESEEDCRNG) < 0)
+        dprintf(2, "vmm-init: reseeding the CRNG: %s\n", strerror(errno));
+    if (fd >= 0)
+        close(fd);
+}
+
+/* argv from the request's NUL-separated strings (bounded by argv_bytes). */
+static int request_argv(struct request *request, char **argv)
+{
+    char *p = request->argv, *end = request->argv + request->argv_bytes;
+    int argc = 0;
+    while (argc < (int)request->argc && p < end) {
+        char *nul = memchr(p, '\0', (size_t)(end - p));
+        if (!nul)
+            break;
+        argv[argc++] = p;
+        p = nul + 1;
+    }
+    argv[argc] = NULL;
+    return argc;
+}
+
+/*
+ * The program execvp would run, found with stat(): execvp tries execve in
+ * each PATH directory, and on Linux a failed execve still sets up and tears
+ * down a new address space before it looks for the file (measured on PVM:
+ * ~25 ms for each of the 5 misses before /bin); access() allocates and frees
+ * a set of credentials each time (~3 ms). Returns name itself when it holds
+ * a '/', NULL when no directory has it.
+ */
+static const char *find_program(const char *name, char *buf, size_t size)
+{
+    if (strchr(name, '/'))
+        return name;
+    const char *dirs = getenv("PATH");
+    while (dirs && *dirs) {
+        size_t len = strcspn(dirs, ":");
+        if (len && len + 1 + strlen(name) < size) {
+            memcpy(buf, dirs, len);
+            buf[len] = '/';
+            strcpy(buf + len + 1, name);
+            struct stat st;
+            if (stat(buf, &st) == 0 && S_ISREG(st.st_mode) && (st.st_mode & 0111))
+                return buf;
+        }
+        dirs += len + (dirs[len] == ':');
+    }
+    return NULL;
+}
+
 int main(void)
 {
     static char cmdline[CMDLINE_MAX], encoded[CMDLINE_MAX], root[256];
@@ -200,10 +352,17 @@ int main(void)
         close(fd);
     cmdline[n > 0 ? n : 0] = '\0';
 
-    int interactive = !cmdline_value(cmdline, "vmm.argv", encoded, sizeof(encoded));
+    int interactive;
+    struct request *request = NULL;
+    if (cmdline_flag(cmdline, "vmm.mailbox") && (request = wait_for_request()) != NULL) {
+        become_new_machine(request);
+        interactive = (request->flags & REQUEST_INTERACTIVE) || request_argv(request, argv) == 0;
+    } else {
+        interactive = !cmdline_value(cmdline, "vmm.argv", encoded, sizeof(encoded));
+        if (!interactive)
+            decode_argv(encoded, argv);
+    }
     char **args = interactive ? shell : argv;
-    if (!interactive)
-        decode_argv(encoded, argv);
 
     if (!interactive) {
         /* The command's output goes to the host's stdout (a pipe, a file):
@@ -224,7 +383,13 @@ int main(void)
                      cmdline_value(cmdline, "root", root, sizeof(root));
     disk_root = !from_initramfs ? "/" : root_given ? "/newroot" : NULL;
 
-    pid_t child = fork();
+    /* vfork, not fork: the child borrows our memory until it execs, so the
+     * kernel copies no page tables and nothing takes copy-on-write faults
+     * afterwards (on PVM every one of those is emulated kernel work). The
+     * child only makes system calls before exec or _exit, and chroot/setsid
+     * change only its own process state. */
+    static char path[PATH_MAX];
+    pid_t child = vfork();
     if (child == 0) {
         if (from_initramfs && root_given)
             enter_root(root, cmdline_flag(cmdline, "ro"));
@@ -233,14 +398,15 @@ int main(void)
             setsid();
             ioctl(0, TIOCSCTTY, 1);
         }
-        execvp(args[0], args);
-        if (errno == ENOENT && strchr(args[0], '/') == NULL) {
+        const char *program = find_program(args[0], path, sizeof(path));
+        if (program)
+            execv(program, args);
+        else if (strchr(args[0], '/') == NULL)
             /* The initramfs links only a few applets (each link costs boot
              * time); busybox runs any other by its argv[0]. */
-            int saved = errno;
             execv("/bin/busybox", args);
-            errno = saved;
-        }
+        else
+            errno = ENOENT;
         dprintf(2, "vmm-init: %s: %s\n", args[0], strerror(errno));
         _exit(errno == ENOENT ? 127 : 126);
     }

@@ -67,6 +67,8 @@ EXIT_PORT = 0x501  # a byte written here ends the VM; vmm exits with that status
 BENCH_PORT = 0x502  # 4 ports (a 32-bit IN reads the count): writes discarded, reads a constant
 BENCH_PORT_SIZE = 4
 BOOT_TIMER_PORT = 0x510  # the guest says "I reached init" / "I am done"
+MAILBOX_PORT = 0x520  # /init's ready point: where its request buffer is (16 ports, one byte each)
+MAILBOX_PORT_SIZE = 16
 
 # --- Guest RAM limits ---------------------------------------------------------------
 # 128 MiB (Firecracker's default too): plenty for the default guest. Boot time
