@@ -11,6 +11,7 @@ it gives us is the first thing to check.
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 from dataclasses import dataclass
 from typing import Iterator
@@ -67,20 +68,38 @@ class MemoryRegion:
 class GuestMemory:
     """All of a VM's RAM: bounds-checked reads and writes by guest address."""
 
-    def __init__(self, ranges: list[tuple[int, int]]) -> None:
-        """Map one anonymous region per (start, size); ranges must not overlap."""
+    def __init__(self, ranges: list[tuple[int, int]], *, backing_fd: int | None = None) -> None:
+        """Map one region per (start, size); ranges must not overlap.
+
+        Anonymous memory by default (zero-filled, a page costs nothing until
+        the guest touches it). With ``backing_fd``, a file holding the regions
+        one after the other (a snapshot's memory file): mapped ``MAP_PRIVATE``,
+        so the guest reads the file's pages through the page cache and its
+        writes go to private copies. Nothing is read up front, and the file is
+        never written: several VMs can start from one file at once.
+        """
         from vmm.kvm.ioctl import ffi  # the mmap's host address, for KVM
 
         self.regions: list[MemoryRegion] = []
-        for start, size in sorted(ranges):
-            if size <= 0 or size % mmap.PAGESIZE or start % mmap.PAGESIZE:
-                raise GuestMemoryError(f"memory region {start:#x}+{size:#x} is not page aligned")
-            if self.regions and start < self.regions[-1].end:
-                raise GuestMemoryError(f"memory region at {start:#x} overlaps the one before")
-            # MAP_NORESERVE: pages cost nothing until the guest touches them.
-            backing = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
-            host = int(ffi.cast("uintptr_t", ffi.from_buffer(backing)))
-            self.regions.append(MemoryRegion(start, size, backing, host))
+        file_offset = 0
+        try:
+            for start, size in sorted(ranges):
+                if size <= 0 or size % mmap.PAGESIZE or start % mmap.PAGESIZE:
+                    raise GuestMemoryError(f"memory region {start:#x}+{size:#x} is not page aligned")
+                if self.regions and start < self.regions[-1].end:
+                    raise GuestMemoryError(f"memory region at {start:#x} overlaps the one before")
+                if backing_fd is None:
+                    # MAP_NORESERVE: pages cost nothing until the guest touches them.
+                    backing = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+                else:
+                    backing = mmap.mmap(backing_fd, size, mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                                        offset=file_offset)
+                host = int(ffi.cast("uintptr_t", ffi.from_buffer(backing)))
+                self.regions.append(MemoryRegion(start, size, backing, host))
+                file_offset += size
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def size(self) -> int:
@@ -153,17 +172,57 @@ class GuestMemory:
     def write_u64(self, address: int, value: int) -> None:
         self.write(address, struct.pack("<Q", value))
 
-    def resident_bytes(self) -> int:
-        """How much of guest RAM the host has really backed (pages the guest touched)."""
+    def _resident_pages(self, region: MemoryRegion) -> bytes | None:
+        """mincore(2) of the region: byte i odd when page i is backed; None if unknown."""
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
+        vec = (ctypes.c_ubyte * (region.size // mmap.PAGESIZE))()
+        if libc.mincore(ctypes.c_void_p(region.host_address), ctypes.c_size_t(region.size), vec) != 0:
+            return None
+        return bytes(vec)
+
+    def resident_bytes(self) -> int:
+        """How much of guest RAM the host has really backed (pages the guest touched)."""
         total = 0
-        page = mmap.PAGESIZE
         for region in self.regions:
-            pages = region.size // page
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(ctypes.c_void_p(region.host_address), ctypes.c_size_t(region.size), vec) != 0:
-                continue
-            total += sum(1 for v in vec if v & 1) * page
+            resident = self._resident_pages(region)
+            if resident is not None:
+                total += sum(v & 1 for v in resident) * mmap.PAGESIZE
         return total
+
+    def save(self, fd: int) -> int:
+        """Write all of RAM into ``fd``, regions one after the other, as a sparse file.
+
+        Only pages the guest has touched and that hold something other than
+        zeros are written; the rest stay holes, which read back as zeros (a
+        128 MiB guest that touched 40 MiB makes a 40 MiB file). Returns the
+        bytes written. The VM must be paused.
+        """
+        page = mmap.PAGESIZE
+        zero = bytes(page)
+        written = file_offset = 0
+        for region in self.regions:
+            resident = self._resident_pages(region) or b"\x01" * (region.size // page)
+            backing = region._map
+            run_start = None  # first page of a run of pages to write
+            for index in range(len(resident) + 1):
+                keep = (index < len(resident) and resident[index] & 1
+                        and backing[index * page : (index + 1) * page] != zero)
+                if keep and run_start is None:
+                    run_start = index
+                elif not keep and run_start is not None:
+                    data = memoryview(backing)[run_start * page : index * page]
+                    written += _pwrite_all(fd, data, file_offset + run_start * page)
+                    data.release()
+                    run_start = None
+            file_offset += region.size
+        os.ftruncate(fd, file_offset)  # holes up to the full size
+        return written
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+    return done

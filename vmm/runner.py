@@ -13,6 +13,14 @@ Stopping: whoever ends the VM (a device, a timeout, Ctrl-C) calls
 :meth:`Runner.stop`. It records the outcome once, sets ``immediate_exit`` on
 every vCPU and sends each vCPU thread a signal, so a KVM_RUN in progress
 returns EINTR at once and the next one does not start.
+
+Pausing (snapshots): :meth:`Runner.pause` kicks every vCPU the same way, but
+each vCPU thread then parks until the main thread has run the pause's action
+(save the VM, write a request into its memory) and lets them go on. A vCPU
+parks only on EINTR, that is after a ``KVM_RUN`` that KVM entered with
+``immediate_exit`` set: KVM finishes the instruction of the last I/O exit in
+that call, so no vCPU is caught half-way through one (KVM's API documentation
+asks exactly this before state is saved).
 """
 
 from __future__ import annotations
@@ -87,6 +95,13 @@ class Runner:
         self.first_run_ns: int | None = None  # monotonic time of the first KVM_RUN
         self.tick: Callable[[Vcpu], None] | None = None  # called on EINTR (profiler)
         self._stop_lock = threading.Lock()
+        # Pausing: vCPU threads park on this condition (an RLock inside: a
+        # signal handler calling stop() may run while the main thread holds it).
+        self._cond = threading.Condition()
+        self._pause_actions: list[Callable[[], None]] = []
+        self._parked = 0
+        self._resume_generation = 0
+        self._local = threading.local()  # the vCPU whose exit this thread dispatches
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
         self._trace_count = 0
@@ -98,6 +113,8 @@ class Runner:
             if self.outcome is None:
                 self.outcome = Outcome(status, reason, detail)
         self._kick_all()
+        with self._cond:
+            self._cond.notify_all()  # parked vCPU threads: go and stop
 
     @property
     def stopping(self) -> bool:
@@ -118,6 +135,58 @@ class Runner:
                 except ProcessLookupError:
                     pass
 
+    # --- pausing -------------------------------------------------------------------------
+    def pause(self, action: Callable[[], None]) -> None:
+        """Stop every vCPU, run ``action`` in the thread that called run(), go on.
+
+        Any thread may ask (a device does, from the vCPU thread dispatching its
+        exit). While ``action`` runs, no vCPU is inside ``KVM_RUN``: it may read
+        and write every vCPU's state and guest memory. It may call :meth:`stop`.
+        """
+        with self._cond:
+            self._pause_actions.append(action)
+            self._cond.notify_all()
+        self._kick_all()
+
+    @property
+    def current_vcpu(self) -> Vcpu | None:
+        """In a device's handler: the vCPU whose exit is being dispatched."""
+        return getattr(self._local, "vcpu", None)
+
+    def _park(self) -> None:
+        """In a vCPU thread, out of KVM_RUN: wait while a pause is asked for."""
+        with self._cond:
+            if not self._pause_actions or self.stopping:
+                return
+            generation = self._resume_generation
+            self._parked += 1
+            self._cond.notify_all()
+            try:
+                while self._resume_generation == generation and not self.stopping:
+                    self._cond.wait()
+            finally:
+                self._parked -= 1
+
+    def _serve_pause(self, alive: int) -> None:
+        """Main thread, condition held: once every live vCPU is parked, run the actions."""
+        if not self._pause_actions:
+            return
+        if self._parked < alive:
+            self._kick_all()  # a kick can be lost between a check and KVM_RUN: again
+            return
+        actions, self._pause_actions = self._pause_actions, []
+        self._cond.release()
+        try:
+            for action in actions:
+                action()
+        except BaseException as e:
+            self._errors.append(e)
+            self.stop(EXIT_VMM_ERROR, "vmm error", str(e))
+        finally:
+            self._cond.acquire()
+            self._resume_generation += 1
+            self._cond.notify_all()
+
     # --- running ----------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> Outcome:
         """Start every vCPU thread and wait for the outcome (or the timeout)."""
@@ -132,12 +201,13 @@ class Runner:
             thread.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while any(t.is_alive() for t in self._threads):
-                if deadline is not None and time.monotonic() >= deadline:
-                    self.stop(EXIT_TIMEOUT, "timeout", f"the guest ran longer than {timeout:g} s")
-                    deadline = None
-                for thread in self._threads:
-                    thread.join(0.05)
+            with self._cond:
+                while alive := sum(t.is_alive() for t in self._threads):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        self.stop(EXIT_TIMEOUT, "timeout", f"the guest ran longer than {timeout:g} s")
+                        deadline = None
+                    self._serve_pause(alive)
+                    self._cond.wait(0.05)
         finally:
             self.stats.wall_ns = time.monotonic_ns() - (self.first_run_ns or start)
         if self._errors:
@@ -153,6 +223,9 @@ class Runner:
         except BaseException as e:  # reported by run(); the VM must stop either way
             self._errors.append(e)
             self.stop(EXIT_VMM_ERROR, "vmm error", str(e))
+        finally:
+            with self._cond:
+                self._cond.notify_all()  # the main thread counts live vCPUs again
 
     def _mark_first_run(self) -> None:
         if self.first_run_ns is None:
@@ -160,6 +233,9 @@ class Runner:
 
     def _interrupted(self, vcpu: Vcpu) -> bool:
         """KVM_RUN returned EINTR: stop if asked to, else carry on."""
+        if self.stopping:
+            return True
+        self._park()
         if self.stopping:
             return True
         vcpu.clear_immediate_exit()
@@ -267,6 +343,7 @@ class Runner:
     # --- exit dispatch (shared by both loops) --------------------------------------------
     def _dispatch(self, vcpu: Vcpu, exit: VcpuExit) -> bool:
         """Handle one exit. True when this vCPU must stop."""
+        self._local.vcpu = vcpu
         if self.trace is not None:
             self._trace(vcpu, exit)
         if isinstance(exit, IoExit):

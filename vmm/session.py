@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from vmm.config import VmConfig
@@ -22,6 +23,7 @@ class RunResult:
     stats: ExitStats
     phases: dict[str, int] = field(default_factory=dict)
     devices: dict[str, dict] = field(default_factory=dict)  # virtio transports' counters
+    start: str = "cold"  # how the guest came to be: cold, restored, cold+saved
 
     @property
     def status(self) -> int:
@@ -88,6 +90,53 @@ class PanicWatcher:
         self._tail = window[-len(self.MARKER):]
 
 
+# --- how the guest comes to be ------------------------------------------------------------
+@dataclass(frozen=True)
+class ColdBoot:
+    """Boot the kernel; the command goes on the kernel command line."""
+
+
+@dataclass(frozen=True)
+class SaveAtReady:
+    """Boot the kernel to /init's ready point and save the VM there.
+
+    ``then_run``: deliver the command and go on in the same VM (the warm
+    start's first run); else stop once saved (``vmm snapshot create``).
+    ``replace``: a snapshot already in ``directory`` wins (the cache).
+    """
+
+    directory: Path
+    then_run: bool = False
+    replace: bool = False
+
+
+@dataclass(frozen=True)
+class FromSnapshot:
+    """Restore a saved VM and deliver the command to its waiting /init."""
+
+    directory: Path
+    snapshot: object  # vmm.snapshot.state.Snapshot, already loaded and checked
+
+
+SNAPSHOT_SAVED = "snapshot saved"
+
+
+def _make_guest(start, config: VmConfig, output, events, progress):
+    if isinstance(start, FromSnapshot):
+        from vmm.snapshot.restore import restore_linux_vm
+
+        return restore_linux_vm(start.directory, start.snapshot, config, output, events)
+    from vmm.builder import build_linux_vm
+
+    return build_linux_vm(config, output, events, progress, mailbox=isinstance(start, SaveAtReady))
+
+
+def _request(config: VmConfig) -> bytes:
+    from vmm.devices.mailbox import encode_request
+
+    return encode_request(config.command, interactive=not config.command)
+
+
 def run_linux(
     config: VmConfig,
     *,
@@ -99,11 +148,13 @@ def run_linux(
     profile=None,  # vmm.profiler.ProfileOptions: sample guest RIPs (--profile)
     initcalls: bool = False,  # summarize initcall_debug lines at exit (--initcalls)
     on_built=None,  # called with the Machine before it runs (benchmarks read device counters)
+    start: ColdBoot | SaveAtReady | FromSnapshot = ColdBoot(),
 ) -> RunResult:
-    """Boot Linux, run the command (or a shell), return the guest's exit status."""
+    """Boot Linux (or restore it), run the command (or a shell), return the guest's exit status."""
     import time
 
-    from vmm.builder import build_linux_vm
+    from vmm.builder import GuestEvents
+    from vmm.devices import mailbox
     from vmm.runner import EXIT_GUEST_PANIC, EXIT_NO_STATUS
 
     stderr = stderr or sys.stderr
@@ -129,9 +180,45 @@ def run_linux(
     def progress(line: str) -> None:
         print(f"vmm: {line}", file=stderr, flush=True)
 
-    guest = build_linux_vm(config, output, on_exit, on_reset, progress)
+    def on_ready(address: int, length: int) -> None:
+        """/init is at its ready point (in the vCPU thread that dispatches its port write)."""
+        runner = runner_box[0]
+        from vmm.arch.x86_64.paging import translator
+
+        vcpu = runner.current_vcpu
+        try:
+            extents = mailbox.buffer_extents(translator(guest.machine.memory, vcpu.get_sregs().cr3),
+                                             address, length)
+        except ValueError as e:
+            runner.stop(EXIT_VMM_ERROR, "vmm error", f"guest mailbox: {e}")
+            return
+        runner.pause(lambda: at_ready(runner, extents))
+
+    def at_ready(runner: Runner, extents: list[tuple[int, int]]) -> None:
+        """Every vCPU stopped at the ready point: save the VM, hand over the command."""
+        if isinstance(start, SaveAtReady):
+            from vmm.errors import SnapshotError
+            from vmm.snapshot.save import save_snapshot
+
+            try:
+                saved = save_snapshot(start.directory, guest, config, extents, replace=start.replace)
+            except SnapshotError as e:
+                if not start.then_run:
+                    raise
+                progress(f"warning: the warm-start snapshot was not saved: {e}")
+            else:
+                guest.machine.phases["snapshot_saved"] = time.monotonic_ns()
+                if not start.then_run:
+                    runner.stop(0, SNAPSHOT_SAVED, saved.summary())
+                    return
+        mailbox.deliver(guest.machine.memory, extents, _request(config))
+
+    events = GuestEvents(on_exit, on_reset, on_ready)
+    guest = _make_guest(start, config, output, events, progress)
     machine = guest.machine
     try:
+        if isinstance(start, FromSnapshot):
+            mailbox.deliver(machine.memory, list(start.snapshot.meta.mailbox), _request(config))
         if on_built is not None:
             on_built(machine)
         quirks = None
@@ -177,9 +264,79 @@ def run_linux(
             print(initcall_watch.format(), file=stderr)
         from vmm.devices.virtio.attach import device_counters
 
-        return RunResult(outcome, runner.stats, machine.phases, device_counters(machine))
+        kind = {FromSnapshot: "restored", SaveAtReady: "cold+saved"}.get(type(start), "cold")
+        return RunResult(outcome, runner.stats, machine.phases, device_counters(machine), kind)
     finally:
         machine.close()
+
+
+def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool = False,
+                    given: dict[str, bool] | None = None, recorder=None, stderr: TextIO | None = None,
+                    **options) -> RunResult:
+    """`vmm run` for Linux: from ``restore``, else from the cached snapshot, else a cold boot.
+
+    ``given``: which of mem/cpus/disks the user set (a snapshot fixes them: they
+    must agree). ``options`` go to :func:`run_linux`.
+    """
+    from vmm.errors import SnapshotError
+    from vmm.snapshot import cache
+    from vmm.snapshot.restore import load_snapshot, restore_config
+
+    stderr = stderr or sys.stderr
+    options.update(recorder=recorder, stderr=stderr)
+
+    def progress(line: str) -> None:
+        print(f"vmm: {line}", file=stderr, flush=True)
+
+    def loaded(directory: Path):
+        snapshot = load_snapshot(directory)
+        if recorder is not None:
+            recorder.mark("state_loaded")
+        return snapshot
+
+    def restored(snapshot, directory: Path, config: VmConfig) -> RunResult:
+        if recorder is not None:
+            recorder.config = config  # the snapshot's machine
+        return run_linux(config, start=FromSnapshot(directory, snapshot), **options)
+
+    if restore:
+        snapshot = loaded(Path(restore))
+        config = restore_config(snapshot, config, **{f"{k}_given": v for k, v in (given or {}).items()})
+        return restored(snapshot, Path(restore), config)
+    if cold or cache.warm_start_possible(config) is not None:
+        return run_linux(config, **options)
+
+    directory, key = _warm_snapshot(config, progress)
+    if directory is not None:
+        try:
+            snapshot = loaded(directory)
+            warm = restore_config(snapshot, config, mem_given=True, cpus_given=True, disks_given=True)
+            return restored(snapshot, directory, warm)
+        except SnapshotError as e:  # stale or damaged: replace it, this run boots
+            progress(f"the cached snapshot cannot be used ({e}); booting and saving a new one")
+            cache.discard(directory)
+    else:
+        progress("first run of this guest: booting it, saving a snapshot for the next runs "
+                 "(--cold: never)")
+        cache.prune()
+    target = cache.snapshot_cache_dir() / key
+    return run_linux(config, start=SaveAtReady(target, then_run=True, replace=True), **options)
+
+
+def _warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str]:
+    """(the cached snapshot of this guest or None, its key)."""
+    from vmm.builder import resolve_initrd, resolve_kernel
+    from vmm.kvm.flavour import detect_flavour
+    from vmm.kvm.system import Kvm
+    from vmm.snapshot import cache
+    from vmm.snapshot.state import HostIdentity
+
+    kernel, _ = resolve_kernel(config, progress)
+    initrd = resolve_initrd(config, progress)
+    with Kvm() as kvm:
+        host = HostIdentity.of(kvm, detect_flavour())
+    key = cache.cache_key(config, kernel, initrd, host)
+    return cache.lookup(key), key
 
 
 def _run_with_console(runner: Runner, guest, config: VmConfig, stdin) -> Outcome:
@@ -200,7 +357,7 @@ def _run_with_console(runner: Runner, guest, config: VmConfig, stdin) -> Outcome
 
 def report(outcome: Outcome, runner: Runner, machine, config: VmConfig, stderr: TextIO) -> None:
     """Say why the VM ended when it is not the guest's own doing, and --stats."""
-    if outcome.reason not in ("guest exit", "console escape"):
+    if outcome.reason not in ("guest exit", "console escape", SNAPSHOT_SAVED):
         message = f"vmm: guest stopped: {outcome.reason}"
         if outcome.detail:
             message += f": {outcome.detail}"

@@ -54,13 +54,34 @@ PHASES = (
     "vmm_exited",
 )
 
+#: A run restored from a snapshot has no boot: its state is loaded instead, and
+#: a run that boots and saves one (the warm start's first run) marks when it was
+#: saved. Every phase that can happen, in the order they happen.
+ALL_PHASES = (
+    "process_start",
+    "cli_start",
+    "imports_done",
+    "state_loaded",
+    "loaded",
+    "kvm_ready",
+    "first_kvm_run",
+    "init_reached",
+    "snapshot_saved",
+    "first_output",
+    "command_done",
+    "guest_finished",
+    "vmm_exited",
+)
+
 #: What each phase boundary means, for tables, charts and docs.
 DESCRIPTIONS = {
     "process_start": "process created (fork/exec)",
     "cli_start": "Python interpreter started, vmm.cli running",
     "imports_done": "vmm modules and KVM bindings imported",
     "loaded": "kernel + initrd read and loaded into guest RAM",
-    "kvm_ready": "VM, irqchip, devices and vCPUs created",
+    "state_loaded": "snapshot state read and checked (restore)",
+    "kvm_ready": "VM, irqchip, devices and vCPUs created (and restored)",
+    "snapshot_saved": "VM saved at /init's ready point",
     "first_kvm_run": "first KVM_RUN",
     "init_reached": "guest /init started (boot timer 1)",
     "first_output": "first serial byte",
@@ -113,14 +134,7 @@ def process_start(cli_start: int | None = None) -> tuple[int | None, str]:
 
 # --- host and guest facts -------------------------------------------------------------
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from vmm.kvm.flavour import cpu_model  # noqa: E402 (re-exported: host facts)
 
 
 def host_facts() -> dict[str, Any]:
@@ -212,7 +226,8 @@ def peak_rss_bytes() -> int:
 def relative_ms(phases: dict[str, int], start: int | None = None) -> dict[str, float]:
     """Phases in ms after process_start, in PHASES order (then any others)."""
     base = start if start is not None else phases.get("process_start") or min(phases.values())
-    names = [n for n in PHASES if phases.get(n)] + sorted(n for n in phases if n not in PHASES and phases[n])
+    names = [n for n in ALL_PHASES if phases.get(n)] + sorted(
+        n for n in phases if n not in ALL_PHASES and phases[n])
     return {n: round((phases[n] - base) / 1e6, 3) for n in names}
 
 
@@ -295,6 +310,7 @@ class PhaseRecorder:
         return {
             "schema": SCHEMA,
             "status": result.status,
+            "start": getattr(result, "start", "cold"),  # cold, restored, or cold+saved
             "outcome": {"reason": outcome.reason, "detail": outcome.detail},
             "command": list(config.command),
             "process_start_source": self.start_source,
@@ -328,8 +344,13 @@ def _current_rss() -> int | None:
 def summary_text(metrics: dict[str, Any]) -> str:
     """`Guest-boot-time = N us` and the phase breakdown (what --boot-timer prints)."""
     boot = metrics.get("guest_boot_time_us")
-    lines = [f"Guest-boot-time = {boot} us" if boot is not None
-             else "Guest-boot-time = unknown (the guest never reached init)"]
+    phases = metrics["phases_ms"]
+    if metrics.get("start") == "restored":
+        lines = [f"Restored from a snapshot: first KVM_RUN {phases.get('first_kvm_run', 0):.1f} ms, "
+                 f"command done {phases.get('command_done', 0):.1f} ms after process start"]
+    else:
+        lines = [f"Guest-boot-time = {boot} us" if boot is not None
+                 else "Guest-boot-time = unknown (the guest never reached init)"]
     previous = 0.0
     for name, ms in metrics["phases_ms"].items():
         lines.append(f"  {name:<15} {ms:12.3f} ms  (+{ms - previous:10.3f} ms)  {DESCRIPTIONS.get(name, '')}")

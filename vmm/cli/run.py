@@ -1,4 +1,9 @@
-"""`vmm run`: boot a guest (our firmware, or Linux) and exit with its status."""
+"""`vmm run`: boot a guest (our firmware, or Linux) and exit with its status.
+
+A Linux guest starts warm by default: from a snapshot of the same guest in
+the cache (made on its first run), or from ``--restore DIR``; ``--cold``
+boots it from scratch (vmm/snapshot/cache.py says what "the same" means).
+"""
 
 from __future__ import annotations
 
@@ -6,75 +11,110 @@ import sys
 
 import click
 
+# Options that shape a Linux VM: `vmm run` and `vmm snapshot create` take the same.
+MACHINE_OPTIONS = [
+    click.option("--kernel", metavar="PATH", help="bzImage or vmlinux (default: our guest kernel)."),
+    click.option("--initrd", metavar="PATH|none",
+                 help="initramfs (default: ours; 'none' for no initrd)."),
+    click.option("--cmdline", default="", metavar="ARGS", help="Extra kernel command-line arguments."),
+    click.option("--mem", default=None, metavar="SIZE",
+                 help="Guest RAM, e.g. 512M, 2G [default: 128M; 2M for firmware]."),
+    click.option("--cpus", default=None, type=int, help="Number of vCPUs [default: 1]."),
+    click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
+                 help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order)."),
+    click.option("--root", metavar="DEV",
+                 help="Run the command inside this disk's file system (e.g. /dev/vda)."),
+    click.option("--virtio-notify", default="ioeventfd", show_default=True,
+                 metavar="ioeventfd|exit[,...]",
+                 help="virtio queue notifications: ioeventfd + an I/O thread (and irqfd interrupts), "
+                      "or MMIO exits handled in the vCPU thread; a list: one per --disk. "
+                      "docs/virtio.md has the measurements."),
+    click.option("--runloop", type=click.Choice(["c", "python"]), default="c", show_default=True,
+                 help="The vCPU loop: C (fast) or pure Python (readable)."),
+    click.option("--trace", is_flag=True, help="Print one line per exit to stderr."),
+    click.option("--stats", is_flag=True, help="Print exit counts and timings at the end."),
+    click.option("--timeout", type=float, default=None, metavar="SECONDS",
+                 help="Stop the guest after this long (status 124)."),
+    click.option("--console-log", is_flag=True,
+                 help="Show the guest kernel's log, not only the command's output."),
+]
+
+
+def machine_options(function):
+    for option in reversed(MACHINE_OPTIONS):
+        function = option(function)
+    return function
+
+
+def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=None, cpus=None,
+                 disks=(), root=None, virtio_notify="ioeventfd", runloop="c", trace=False,
+                 stats=False, timeout=None, console_log=False, command=()):
+    """The VmConfig the options describe (validated: bad input raises UsageError)."""
+    from vmm.config import DiskConfig, VmConfig, parse_size
+
+    mem_bytes = parse_size(mem) if mem else (2 << 20 if firmware else VmConfig.mem)
+    disk_configs = tuple(DiskConfig.parse(d) for d in disks)
+    if root:
+        cmdline = f"{cmdline} vmm.root={root}".strip()
+        if _root_disk_is_read_only(root, disk_configs):
+            cmdline += " ro"  # our /init (and the kernel, for a root it mounts) mount it read-only
+    return VmConfig(
+        mem=mem_bytes, cpus=cpus if cpus is not None else 1, firmware=firmware, kernel=kernel,
+        initrd=initrd, cmdline=cmdline, command=tuple(command), disks=disk_configs,
+        virtio_notify=virtio_notify, runloop=runloop, trace=trace, stats=stats, timeout=timeout,
+        console_log=console_log, interactive=not command and sys.stdin.isatty(),
+    )
+
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--firmware", metavar="NAME|PATH",
               help="Run one of our payloads (hello, longmode, exitbench, fail) or a raw binary.")
-@click.option("--kernel", metavar="PATH", help="bzImage or vmlinux (default: our guest kernel).")
-@click.option("--initrd", metavar="PATH|none", help="initramfs (default: ours; 'none' for no initrd).")
-@click.option("--cmdline", default="", metavar="ARGS", help="Extra kernel command-line arguments.")
-@click.option("--mem", default=None, metavar="SIZE", help="Guest RAM, e.g. 512M, 2G [default: 128M; 2M for firmware].")
-@click.option("--cpus", default=1, type=int, show_default=True, help="Number of vCPUs.")
-@click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
-              help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order).")
-@click.option("--root", metavar="DEV", help="Run the command inside this disk's file system (e.g. /dev/vda).")
-@click.option("--virtio-notify", default="ioeventfd", show_default=True,
-              metavar="ioeventfd|exit[,...]",
-              help="virtio queue notifications: ioeventfd + an I/O thread (and irqfd interrupts), or "
-                   "MMIO exits handled in the vCPU thread; a list: one per --disk. docs/virtio.md has the "
-                   "measurements.")
-@click.option("--runloop", type=click.Choice(["c", "python"]), default="c", show_default=True,
-              help="The vCPU loop: C (fast) or pure Python (readable).")
-@click.option("--trace", is_flag=True, help="Print one line per exit to stderr.")
-@click.option("--stats", is_flag=True, help="Print exit counts and timings at the end.")
-@click.option("--timeout", type=float, default=None, metavar="SECONDS", help="Stop the guest after this long (status 124).")
-@click.option("--console-log", is_flag=True, help="Show the guest kernel's log, not only the command's output.")
+@machine_options
+@click.option("--restore", metavar="DIR",
+              help="Start from this snapshot (vmm snapshot create) instead of booting.")
+@click.option("--cold", is_flag=True,
+              help="Boot from scratch instead of restoring the cached snapshot of this guest.")
 @click.option("--profile", is_flag=False, flag_value="100", default=None, metavar="[=HZ]",
               help="Sample the guest's RIP (default 100 Hz) and print the hottest functions at exit.")
 @click.option("--profile-out", metavar="FILE", help="With --profile: write folded stacks (flame graphs).")
 @click.option("--symbols", metavar="FILE", help="With --profile: System.map of a --kernel of your own.")
 @click.option("--initcalls", is_flag=True,
-              help="Boot with initcall_debug and print the slowest initcalls at exit (shows the kernel log).")
+              help="Boot with initcall_debug and print the slowest initcalls at exit (shows the kernel "
+                   "log; implies --cold).")
 @click.option("--boot-timer", is_flag=True,
               help="Print Guest-boot-time (process start to guest /init) and the phases to stderr.")
 @click.option("--metrics", metavar="FILE",
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify, runloop, trace,
-        stats, timeout,
-        console_log, profile, profile_out, symbols, initcalls, boot_timer, metrics, command) -> None:
-    """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status."""
-    from vmm.config import DiskConfig, VmConfig, parse_size
+        stats, timeout, console_log, restore, cold, profile, profile_out, symbols, initcalls,
+        boot_timer, metrics, command) -> None:
+    """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status.
 
-    mem_bytes = parse_size(mem) if mem else (2 << 20 if firmware else VmConfig.mem)
+    A Linux guest starts from a snapshot of itself when vmm has one (the first
+    run of a guest boots it and saves one: ~/.cache/vmm/snapshots).
+    """
+    from vmm.errors import UsageError
+
     profile_options = None
     if profile is not None or profile_out or symbols:
-        from vmm.errors import UsageError
         from vmm.profiler import ProfileOptions, parse_hz
 
         try:
             profile_options = ProfileOptions(hz=parse_hz(profile), out=profile_out, symbols=symbols)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    if firmware and (profile_options or initcalls):
-        from vmm.errors import UsageError
-
-        raise UsageError("--profile/--initcalls: only for Linux guests, not --firmware")
+    if firmware and (profile_options or initcalls or restore):
+        raise UsageError("--profile/--initcalls/--restore: only for Linux guests, not --firmware")
+    if restore and (cold or kernel or initrd or cmdline or root or console_log or initcalls):
+        raise UsageError("--restore: the snapshot fixes the kernel, initrd and command line "
+                         "(no --cold, --kernel, --initrd, --cmdline, --root, --console-log, --initcalls)")
     if initcalls:  # the timings come through the kernel log: show it, at debug level
-        cmdline, console_log = f"{cmdline} initcall_debug loglevel=8".strip(), True
-    disk_configs = tuple(DiskConfig.parse(d) for d in disks)
-    if root:
-        cmdline = f"{cmdline} vmm.root={root}".strip()
-        if _root_disk_is_read_only(root, disk_configs):
-            cmdline += " ro"  # our /init (and the kernel, for a root it mounts) mount it read-only
-    config = VmConfig(
-        mem=mem_bytes, cpus=cpus, firmware=firmware, kernel=kernel, initrd=initrd,
-        cmdline=cmdline, command=tuple(command),
-        disks=disk_configs,
-        virtio_notify=virtio_notify, runloop=runloop, trace=trace, stats=stats, timeout=timeout,
-        console_log=console_log,
-        interactive=not command and sys.stdin.isatty(),
-    )
+        cmdline, console_log, cold = f"{cmdline} initcall_debug loglevel=8".strip(), True, True
+    config = build_config(
+        firmware=firmware, kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
+        disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop, trace=trace,
+        stats=stats, timeout=timeout, console_log=console_log, command=command)
     recorder = None
     if boot_timer or metrics:
         from vmm.bench.phases import PhaseRecorder
@@ -87,11 +127,14 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
         result = run_firmware(config)
     else:
         import vmm.builder  # noqa: F401 (the KVM bindings: counted in imports_done)
-        from vmm.session import run_linux
+        from vmm.session import run_linux_guest
 
         if recorder is not None:
             recorder.mark("imports_done")
-        result = run_linux(config, recorder=recorder, profile=profile_options, initcalls=initcalls)
+        result = run_linux_guest(
+            config, restore=restore, cold=cold,
+            given={"mem": mem is not None, "cpus": cpus is not None, "disks": bool(disks)},
+            recorder=recorder, profile=profile_options, initcalls=initcalls)
     if recorder is not None:
         recorder.finish(result)
     sys.exit(result.status)

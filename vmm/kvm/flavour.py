@@ -33,6 +33,20 @@ def detect_flavour(sys_module: Path = SYS_MODULE) -> str:
     return "unknown"
 
 
+def cpu_model() -> str:
+    """The host CPU's model name, as /proc/cpuinfo gives it (printed beside every figure)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 DESCRIPTIONS = {
     "pvm": "KVM PVM (no hardware virtualization: guest kernel code is emulated, slow boots)",
     "intel": "KVM on Intel VT-x",

@@ -36,6 +36,25 @@ def supported_cpuid(kvm: Kvm, vcpu_id: int, cpus: int) -> list[tuple[int, int, i
     return entries
 
 
+# Fields of KVM_GET_SUPPORTED_CPUID that name the host CPU the ioctl ran on,
+# not a feature: they change from call to call (measured: leaf 1's APIC id and
+# leaf 0xB's x2APIC id differ between two runs on the same host).
+_PER_CPU_FIELDS = {
+    CPUID_FEATURES: (0, 0xFFFF, 0, 0),  # EBX[31:16]: APIC id, logical count
+    CPUID_TOPOLOGY: (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0),  # EDX: x2APIC id
+    0x1F: (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0),  # EDX: x2APIC id (v2 topology)
+    0x8000001E: (0, 0, 0, 0),  # AMD topology: extended APIC id, core and node ids
+}
+
+
+def cpuid_features(entries) -> list[tuple[int, int, int, int, int, int, int]]:
+    """A CPUID table without its per-CPU identity fields: what says "the same CPU model"."""
+    out = []
+    for function, index, flags, eax, ebx, ecx, edx in entries:
+        keep = _PER_CPU_FIELDS.get(function, (0xFFFFFFFF,) * 4)
+        out.append((function, index, flags, eax & keep[0], ebx & keep[1], ecx & keep[2],
+                    edx & keep[3]))
+    return out
 
 
 def setup_reset_vector(vcpu: Vcpu) -> None:

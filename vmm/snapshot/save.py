@@ -1,0 +1,124 @@
+"""Save a paused VM: its state values and its RAM, into a snapshot directory.
+
+Called with every vCPU stopped (:meth:`vmm.runner.Runner.pause`), at /init's
+ready point. The directory is written under a temporary name beside the
+target and renamed into place at the end, so a reader never sees half a
+snapshot, and two vmm processes making the same snapshot at once do not mix
+their files (the second rename fails and that copy is dropped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmm import __version__
+from vmm.config import VmConfig
+from vmm.errors import SnapshotError
+from vmm.kvm.state import Capabilities, capture_vcpu, capture_vm
+from vmm.snapshot.state import (
+    MEMORY_FILE, STATE_FILE, DeviceStates, DiskRecord, FileIdentity, HostIdentity, Snapshot,
+    SnapshotMeta,
+)
+from vmm.snapshot.statefile import write_state_file
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    directory: Path
+    state_bytes: int
+    memory_size: int
+    memory_stored: int
+    seconds: float
+
+    def summary(self) -> str:
+        return (f"snapshot saved to {self.directory} in {self.seconds:.2f} s: "
+                f"{self.memory_stored / 2**20:.1f} MiB of {self.memory_size / 2**20:.0f} MiB RAM "
+                f"stored, state {self.state_bytes / 1024:.0f} KiB")
+
+
+def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stored: int
+            ) -> Snapshot:
+    """The state values of a paused Linux guest (vmm.builder.LinuxGuest).
+
+    Paused means no vCPU in KVM_RUN and no virtio I/O thread at work
+    (:func:`save_snapshot` holds the transports).
+    """
+    machine = guest.machine
+    caps = Capabilities.of(machine.vm)
+    msr_indices = machine.kvm.get_msr_index_list()
+    vcpus = tuple(capture_vcpu(v, v.get_cpuid2(), msr_indices, caps) for v in machine.vcpus)
+    devices = guest.devices
+    device_states = DeviceStates(
+        serial=devices.serial.state(), rtc=devices.rtc.state(), i8042=devices.i8042.state(),
+        mailbox=devices.mailbox.state(), virtio=tuple(t.state() for t in devices.virtio),
+    )
+    meta = SnapshotMeta(
+        vmm_version=__version__,
+        created_ns=time.time_ns(),
+        host=HostIdentity.of(machine.kvm, machine.flavour),
+        mem=config.mem,
+        regions=tuple((r.start, r.size) for r in machine.memory),
+        cpus=len(machine.vcpus),
+        cmdline=guest.cmdline,
+        kernel=str(guest.kernel_path),
+        initrd=str(guest.initrd_path) if guest.initrd_path else None,
+        system_map=str(guest.system_map) if guest.system_map else None,
+        memory_size=machine.memory.size,
+        memory_stored=memory_stored,
+        disks=tuple(DiskRecord(FileIdentity.of(d.path), d.read_only, d.serial) for d in config.disks),
+        virtio_notify=config.virtio_notify,
+        mailbox=tuple(mailbox),
+        capabilities=caps,
+    )
+    return Snapshot(meta, capture_vm(machine.vm, caps), vcpus, device_states)
+
+
+def save_snapshot(directory: Path, guest, config: VmConfig, mailbox: list[tuple[int, int]],
+                  *, replace: bool = False) -> SaveResult:
+    """Write the snapshot of a paused guest to ``directory`` (which must not exist, or be empty).
+
+    ``replace``: a directory already there is left alone and this copy
+    dropped (the warm-start cache: whoever renames first wins).
+    """
+    start = time.perf_counter()
+    directory = Path(directory)
+    if directory.exists() and not replace:
+        if not directory.is_dir() or any(directory.iterdir()):
+            raise SnapshotError(f"{directory}: exists and is not empty; "
+                                "name a new directory or remove this one")
+        directory.rmdir()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        with contextlib.ExitStack() as quiet:  # an I/O thread could write RAM or a ring meanwhile
+            for transport in guest.devices.virtio:
+                quiet.enter_context(transport.paused())
+            fd = os.open(staging / MEMORY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         0o600)
+            try:
+                stored = guest.machine.memory.save(fd)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            snapshot = capture(guest, config, mailbox, stored)
+        state_bytes = write_state_file(staging / STATE_FILE, snapshot.to_sections())
+        try:
+            os.rename(staging, directory)
+        except OSError:
+            if not replace or not (directory / STATE_FILE).exists():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)  # another vmm saved it first
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SnapshotError(f"{directory}: cannot save the snapshot: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return SaveResult(directory, state_bytes, snapshot.meta.memory_size, stored,
+                      time.perf_counter() - start)
