@@ -26,7 +26,28 @@ DIRECTORIES = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys"
                "etc", "newroot", "mnt", "run", "var")
 
 
+def default_busybox(progress=None) -> Path:
+    """The guest's busybox: ours, built with musl (vmm/images/busybox.py), built on first use.
+
+    Falls back to Debian's glibc busybox-static, with a warning, where ours
+    cannot be built: the guest works the same, its commands start slower.
+    """
+    from vmm.images.busybox import build_busybox, cached_busybox
+
+    built = cached_busybox()
+    if built is not None:
+        return built
+    try:
+        return build_busybox(progress)
+    except GuestBuildError as e:
+        if progress:
+            progress(f"warning: {e}; using the system's busybox-static instead "
+                     "(glibc: slower process start-up in the guest)")
+        return find_busybox()
+
+
 def find_busybox() -> Path:
+    """Debian's static busybox (glibc), the fallback userland."""
     for candidate in BUSYBOX_CANDIDATES:
         path = Path(candidate)
         if path.is_file():
@@ -48,7 +69,8 @@ def _compiler() -> list[str]:
 
 
 def _port_defines() -> list[str]:
-    return [f"-DEXIT_PORT={layout.EXIT_PORT:#x}", f"-DBOOT_TIMER_PORT={layout.BOOT_TIMER_PORT:#x}"]
+    return [f"-DEXIT_PORT={layout.EXIT_PORT:#x}", f"-DBOOT_TIMER_PORT={layout.BOOT_TIMER_PORT:#x}",
+            f"-DMAILBOX_PORT={layout.MAILBOX_PORT:#x}"]
 
 
 def initramfs_key(busybox: Path) -> str:
@@ -69,7 +91,7 @@ def default_initramfs(progress=None) -> Path:
 
     if not any(Path(c).is_file() for c in BUSYBOX_CANDIDATES) or not shutil.which("musl-gcc"):
         ensure_packages(["busybox-static", "musl-tools"], progress)
-    busybox = find_busybox()
+    busybox = default_busybox(progress)
     target = cache_dir() / "initramfs" / initramfs_key(busybox) / "initramfs.cpio"
     if target.exists():
         return target

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vmm.errors import GuestBuildError, UsageError
 from vmm.images.host import ensure_packages
-from vmm.images.initramfs import find_busybox, userspace_tree
+from vmm.images.initramfs import default_busybox, userspace_tree
 
 MIN_SIZE = 16 << 20
 
@@ -33,7 +33,7 @@ def build_rootfs(output: Path, size: int, progress=None) -> None:
     mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
     with tempfile.TemporaryDirectory() as staging:
         root = Path(staging)
-        for kind, path, *rest in userspace_tree(find_busybox()):
+        for kind, path, *rest in userspace_tree(default_busybox(progress)):
             target = root / path
             if kind == "dir":
                 target.mkdir(parents=True, exist_ok=True)
