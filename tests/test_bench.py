@@ -213,8 +213,8 @@ def test_cli_cheap_contenders_json_and_table(tmp_path):
 @pytest.fixture(scope="module")
 def metrics_run(tmp_path_factory):
     path = tmp_path_factory.mktemp("metrics") / "metrics.json"
-    result = subprocess.run([sys.executable, "-m", "vmm", "run", "--boot-timer", "--metrics", str(path),
-                             "--timeout", "280", "--", "echo", LINE],
+    result = subprocess.run([sys.executable, "-m", "vmm", "run", "--cold", "--boot-timer", "--metrics",
+                             str(path), "--timeout", "280", "--", "echo", LINE],
                             capture_output=True, text=True, timeout=300)
     return result, path
 
@@ -228,6 +228,7 @@ def test_metrics_json_schema(metrics_run):
     metrics = json.loads(path.read_text())
     assert metrics["schema"] == phases.SCHEMA
     assert metrics["status"] == 0 and metrics["command"] == ["echo", LINE]
+    assert metrics["start"] == "cold"
     assert set(metrics["host"]) >= {"cpu_model", "cores", "host_kernel", "kvm_flavour"}
     guest = metrics["guest"]
     assert guest["kernel_release"] and len(guest["kernel_config_sha256"]) == 64

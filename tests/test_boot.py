@@ -25,10 +25,12 @@ from vmm.runner import EXIT_GUEST_PANIC, EXIT_TIMEOUT
 pytestmark = [pytest.mark.boot, pytest.mark.kvm]
 
 
-def test_command_output_argv_and_exit_status() -> None:
-    """vmlinux/PVH: argv survives the kernel command line; the status comes back."""
+@pytest.mark.parametrize("start", [["--cold"], []], ids=["cold", "warm"])
+def test_command_output_argv_and_exit_status(start: list[str]) -> None:
+    """argv survives the kernel command line (--cold) or the snapshot's mailbox; the status comes back."""
     tricky = ["a b", '"quoted"', "$HOME", "ü", "", "--", "x=1 y"]
-    result = vmm_run("--", "sh", "-c", 'printf "[%s]" "$@"; echo; uname -sr; exit 7', "sh", *tricky)
+    result = vmm_run(*start, "--", "sh", "-c", 'printf "[%s]" "$@"; echo; uname -sr; exit 7', "sh",
+                     *tricky)
     out = result.stdout.decode()
     assert result.returncode == 7, result.stderr.decode()
     assert out.splitlines()[0] == "".join(f"[{a}]" for a in tricky)
@@ -39,7 +41,7 @@ def test_command_output_argv_and_exit_status() -> None:
 
 def test_bzimage_boot() -> None:
     """The bzImage path: setup header, zero page, 64-bit entry, LZ4 decompressor."""
-    result = vmm_run("--kernel", str(guest_kernel().bzimage), "--", "echo", "booted from bzImage")
+    result = vmm_run("--cold", "--kernel", str(guest_kernel().bzimage), "--", "echo", "booted from bzImage")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode() == "booted from bzImage\n"
 
@@ -61,7 +63,7 @@ def test_two_cpus_and_module_parameters_in_sysfs() -> None:
 
 
 def test_kernel_panic_has_its_own_status() -> None:
-    result = vmm_run("--cmdline", "rdinit=/no/such/init")
+    result = vmm_run("--cold", "--cmdline", "rdinit=/no/such/init")
     assert result.returncode == EXIT_GUEST_PANIC, result.stderr.decode()
     assert "Kernel panic" in result.stderr.decode()
 
@@ -79,7 +81,7 @@ def test_pvm_syscall_patch_is_what_makes_userspace_work() -> None:
 
     On hardware KVM the patch is inert and the option changes nothing.
     """
-    result = vmm_run("--cmdline", "pvm_syscall_fixup=0", "--", "true")
+    result = vmm_run("--cold", "--cmdline", "pvm_syscall_fixup=0", "--", "true")
     if detect_flavour() == "pvm":
         assert result.returncode == EXIT_GUEST_PANIC, result.stderr.decode()
         assert "Attempted to kill init" in result.stderr.decode()
