@@ -4,7 +4,7 @@
     python benchmarks/bench_boot_phases.py [--runs 5] [--before PATH|none] [--kernel PATH]
                                            [--profile-runs 1] [--top 10] [--json FILE]
 
-Each run is a fresh `vmm run --metrics F -- true` process; the figure is
+Each run is a fresh `vmm run --cold --metrics F -- true` process; the figure is
 ``init_reached - first_kvm_run`` (the guest's own boot: first instruction to
 our /init writing the boot-timer port), with process start → init beside it.
 Variants are interleaved (after, before, after, before, ...) so that load from
@@ -67,7 +67,7 @@ main()
 def one_run(kernel: str | None, undiet: bool, profile: bool, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="vmm-bench-") as tmp:
         metrics = Path(tmp) / "metrics.json"
-        args = ["--metrics", str(metrics)]
+        args = ["--cold", "--metrics", str(metrics)]
         if kernel:
             args += ["--kernel", kernel]
         if profile:

@@ -54,6 +54,9 @@
 #ifndef MAILBOX_PORT
 #error "MAILBOX_PORT must be defined (vmm/arch/x86_64/layout.py)"
 #endif
+#ifndef REQUEST_HEADER_SIZE
+#error "the mailbox constants must be defined (vmm/devices/mailbox.py, via vmm/images/initramfs.py)"
+#endif
 
 #define BOOT_TIMER_INIT_REACHED 1
 #define BOOT_TIMER_COMMAND_DONE 2
@@ -80,10 +83,6 @@ static void port_write(unsigned port, unsigned char value)
  * memset does that (anonymous pages stay put: no swap in this guest).
  */
 #define MAILBOX_SIZE (64 * 1024)
-#define MAILBOX_MAGIC 0x524d4d56u   /* "VMMR": a descriptor */
-#define REQUEST_MAGIC 0x51524d56u   /* "VMRQ": a request */
-#define REQUEST_VERSION 1
-#define REQUEST_INTERACTIVE 1u
 
 struct mailbox_descriptor {
     uint64_t address;   /* the request buffer, a virtual address in this process */
@@ -100,9 +99,12 @@ struct request {
     int64_t realtime_sec;  /* the host's CLOCK_REALTIME when vmm wrote this */
     uint32_t realtime_nsec;
     uint32_t seed_bytes;
-    uint8_t seed[64];     /* fresh host entropy for this run's CRNG */
+    uint8_t seed[REQUEST_SEED_BYTES];  /* fresh host entropy for this run's CRNG */
     char argv[];
 };
+/* The layouts vmm writes (vmm/devices/mailbox.py): a mismatch fails the build. */
+_Static_assert(sizeof(struct mailbox_descriptor) == MAILBOX_DESCRIPTOR_SIZE, "descriptor layout");
+_Static_assert(sizeof(struct request) == REQUEST_HEADER_SIZE, "request layout");
 
 /* From <linux/random.h>, which musl-gcc does not see: the ABI is fixed. */
 struct rand_pool_info {
@@ -245,7 +247,7 @@ static struct request *wait_for_request(void)
 {
     struct mailbox_descriptor ready = {
         .address = (uint64_t)(uintptr_t)mailbox, .length = sizeof(mailbox),
-        .magic = MAILBOX_MAGIC,
+        .magic = MAILBOX_MAGIC,  /* "VMMR" */
     };
     memset(mailbox, 0, sizeof(mailbox));
     int fd = open("/dev/port", O_WRONLY | O_CLOEXEC);
@@ -256,7 +258,7 @@ static struct request *wait_for_request(void)
     close(fd);
     /* ...a restored VM goes on from here, with the request in the mailbox. */
     struct request *request = (struct request *)mailbox;
-    if (request->magic != REQUEST_MAGIC || request->version != REQUEST_VERSION ||
+    if (request->magic != REQUEST_MAGIC /* "VMRQ" */ || request->version != REQUEST_VERSION ||
         request->seed_bytes > sizeof(request->seed) ||
         request->argv_bytes > sizeof(mailbox) - sizeof(*request) ||
         request->argc >= MAX_ARGS) {

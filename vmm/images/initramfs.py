@@ -69,8 +69,18 @@ def _compiler() -> list[str]:
 
 
 def _port_defines() -> list[str]:
+    """What /init shares with vmm, from vmm's own definitions (init.c checks the sizes)."""
+    from vmm.devices import mailbox
+
     return [f"-DEXIT_PORT={layout.EXIT_PORT:#x}", f"-DBOOT_TIMER_PORT={layout.BOOT_TIMER_PORT:#x}",
-            f"-DMAILBOX_PORT={layout.MAILBOX_PORT:#x}"]
+            f"-DMAILBOX_PORT={layout.MAILBOX_PORT:#x}",
+            f"-DMAILBOX_MAGIC={mailbox.DESCRIPTOR_MAGIC:#x}u",
+            f"-DMAILBOX_DESCRIPTOR_SIZE={mailbox.DESCRIPTOR.size}",
+            f"-DREQUEST_MAGIC={mailbox.REQUEST_MAGIC:#x}u",
+            f"-DREQUEST_VERSION={mailbox.REQUEST_VERSION}",
+            f"-DREQUEST_HEADER_SIZE={mailbox.REQUEST_HEADER.size}",
+            f"-DREQUEST_INTERACTIVE={mailbox.REQUEST_INTERACTIVE}u",
+            f"-DREQUEST_SEED_BYTES={mailbox.SEED_BYTES}"]
 
 
 def initramfs_key(busybox: Path) -> str:

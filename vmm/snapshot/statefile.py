@@ -73,7 +73,7 @@ def decode_sections(data: bytes, name: str) -> dict[str, bytes]:
                             f"{FORMAT_VERSION}: make the snapshot again with this vmm")
     body = data[HEADER.sizeof():]
     expected = header["body_length"]
-    if expected > MAX_BODY or header["sections"] > MAX_SECTIONS:
+    if expected > MAX_BODY or header["sections"] > MAX_SECTIONS or header["reserved"]:
         raise SnapshotError(f"{name}: corrupted (header claims {expected} bytes in "
                             f"{header['sections']} sections)")
     if len(body) < expected:
