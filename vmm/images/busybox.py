@@ -28,7 +28,6 @@ Debian's busybox-static, with a warning: slower on PVM, the same commands.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -38,6 +37,7 @@ import tempfile
 from pathlib import Path
 
 from vmm.cache import cache_dir
+from vmm.digest import hasher
 from vmm.errors import GuestBuildError
 
 # Options of Debian's static config that need GNU regex extensions musl has not
@@ -56,7 +56,8 @@ APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 
 
 def busybox_key() -> str:
-    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest = hasher()
+    digest.update(Path(__file__).read_bytes())
     compiler = shutil.which("musl-gcc")
     if compiler:
         info = Path(compiler).resolve().stat()

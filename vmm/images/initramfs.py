@@ -8,7 +8,6 @@ the port numbers), so ``vmm run`` pays nothing after the first time.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from vmm.arch.x86_64 import layout
 from vmm.cache import cache_dir
+from vmm.digest import hasher
 from vmm.errors import GuestBuildError
 from vmm.images.cpio import CpioWriter
 
@@ -84,7 +84,7 @@ def _port_defines() -> list[str]:
 
 
 def initramfs_key(busybox: Path) -> str:
-    digest = hashlib.sha256()
+    digest = hasher()
     digest.update(INIT_SOURCE.read_bytes())
     digest.update(Path(__file__).read_bytes())
     # busybox by identity, not content: hashing 2 MB on every `vmm run` costs

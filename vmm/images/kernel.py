@@ -83,10 +83,11 @@ DPKG_STATUS = Path("/var/lib/dpkg/status")
 
 
 def _inputs_stamp() -> str:
-    import hashlib
     import os
 
-    digest = hashlib.sha256()
+    from vmm.digest import hasher
+
+    digest = hasher()
     here = guest_kernel_dir()
     for path in [here / "config", *sorted((here / "patches").glob("*.patch")), _script()]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -31,7 +31,8 @@ from pathlib import Path
 from vmm import __version__
 from vmm.cache import cache_dir
 from vmm.config import VmConfig
-from vmm.snapshot.state import STATE_FILE, FileIdentity, digest
+from vmm.digest import hexdigest
+from vmm.snapshot.state import STATE_FILE, FileIdentity
 from vmm.snapshot.statefile import FORMAT_VERSION
 
 KEEP = 8  # snapshots kept in the cache; older unused ones are removed
@@ -89,7 +90,7 @@ def cache_key(config: VmConfig, kernel: Path, initrd: Path | None, host) -> str:
         "disks": [[identity(Path(d.path)), d.read_only, d.serial] for d in config.disks],
         "host": [host.flavour, host.cpuid_digest, os.uname().release],
     }
-    return digest(json.dumps(facts, sort_keys=True).encode(), 10)
+    return hexdigest(json.dumps(facts, sort_keys=True).encode(), 10)
 
 
 def lookup(key: str) -> Path | None:

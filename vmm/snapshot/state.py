@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmm.devices.i8042 import I8042State
+from vmm.digest import hexdigest
 from vmm.devices.mailbox import MailboxState
 from vmm.devices.rtc import RtcState
 from vmm.devices.serial import SerialState
@@ -56,23 +57,10 @@ class HostIdentity:
         return cls(flavour, cpu_model(), cpuid_digest(kvm))
 
 
-def digest(data: bytes, size: int = 16) -> str:
-    """A hex digest for identities and cache keys: BLAKE2b, as hashlib.blake2b.
-
-    Taken from hashlib's own C module: ``import hashlib`` loads OpenSSL
-    first (~2 ms of a restore's start-up).
-    """
-    try:
-        from _blake2 import blake2b
-    except ImportError:
-        from hashlib import blake2b
-    return blake2b(data, digest_size=size).hexdigest()
-
-
 def cpuid_digest(kvm) -> str:
     from vmm.arch.x86_64.cpu import cpuid_features
 
-    return digest(repr(cpuid_features(kvm.get_supported_cpuid())).encode())
+    return hexdigest(repr(cpuid_features(kvm.get_supported_cpuid())).encode())
 
 
 @dataclass(frozen=True)
