@@ -17,6 +17,19 @@ SEGMENTS = (
     ("command", "init_reached", "command_done"),
     ("guest exit + teardown", "command_done", "vmm_exited"),
 )
+#: A vmm bar restored from a snapshot: no kernel to load, no boot.
+RESTORE_SEGMENTS = (
+    ("Python start", "process_start", "cli_start"),
+    ("imports", "cli_start", "imports_done"),
+    ("load snapshot state", "imports_done", "state_loaded"),
+    ("restore (KVM, RAM mapped, state set)", "state_loaded", "kvm_ready"),
+    ("to first KVM_RUN", "kvm_ready", "first_kvm_run"),
+    ("command", "first_kvm_run", "command_done"),
+    ("guest exit + teardown", "command_done", "vmm_exited"),
+)
+
+
+SEGMENT_LABELS = list(dict.fromkeys(label for label, _, _ in (*SEGMENTS, *RESTORE_SEGMENTS)))
 
 
 def _ms(value: float | None) -> str:
@@ -103,7 +116,9 @@ def plot(report: dict[str, Any], path: str) -> None:
             ax.text(floor * 1.2, y, text[:110], va="center", fontsize=8, color="firebrick")
             continue
         if phases:
-            for index, (label, start, end) in enumerate(SEGMENTS):
+            segments = RESTORE_SEGMENTS if "state_loaded" in phases else SEGMENTS
+            for label, start, end in segments:
+                index = SEGMENT_LABELS.index(label)  # one colour per label in both kinds of bar
                 if start in phases and end in phases and phases[end] > phases[start]:
                     left = max(phases[start], floor)
                     width = max(phases[end], floor) - left
