@@ -177,3 +177,40 @@ def test_kvm_api_version_and_capabilities(kvm):
     assert kvm.get_vcpu_mmap_size() >= 4096
     assert kvm.max_vcpus() >= 1
     assert kvm.get_supported_cpuid()
+
+
+@pytest.mark.parametrize("runloop", LOOPS)
+def test_pause_stops_every_vcpu_after_its_last_exit_and_resumes_exactly(runloop):
+    """Runner.pause: the action runs with no vCPU in KVM_RUN; no exit is lost or done twice."""
+    import threading
+
+    from vmm.builder import build_firmware_vm
+    from vmm.runner import Runner
+
+    count = 200_000
+    box = []
+    machine = build_firmware_vm(VmConfig(mem=2 * MiB, firmware="exitbench", runloop=runloop),
+                                io.BytesIO().write,
+                                lambda status: box[0].stop(status, "guest exit"), bench_count=count)
+    try:
+        runner = Runner(machine.vcpus, machine.pio, machine.mmio, runloop=runloop)
+        box.append(runner)
+        seen = []
+
+        def action():
+            seen.append((threading.current_thread() is threading.main_thread(),
+                         machine.vcpus[0].get_regs().rip, runner.outcome))
+            time.sleep(0.2)  # the guest must not move meanwhile
+            seen.append(machine.vcpus[0].get_regs().rip)
+
+        threading.Timer(0.3, runner.pause, args=(action,)).start()
+        outcome = runner.run(timeout=60)
+    finally:
+        machine.close()
+    assert outcome.status == 0 and outcome.reason == "guest exit"
+    (in_main, rip, outcome_then), rip_after = seen
+    assert in_main and rip == rip_after
+    assert outcome_then is None  # paused mid-run, not after the guest's exit
+    # The bench port: one read of the count, then exactly `count` writes.
+    bench = runner.stats.by_place[("io", "fast" if runloop == "c" else "out", BENCH_PORT)]
+    assert bench == count + (1 if runloop == "c" else 0)

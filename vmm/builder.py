@@ -20,7 +20,7 @@ from vmm.arch.x86_64 import cpu, layout
 from vmm.config import VmConfig
 from vmm.devices.legacy import DebugExit, Sink
 from vmm.devices.serial import Serial16550
-from vmm.errors import LoaderError, UsageError
+from vmm.errors import LoaderError, UsageError, unreadable
 from vmm.kvm.flavour import detect_flavour
 from vmm.kvm.system import Kvm
 from vmm.machine import Machine
@@ -43,14 +43,8 @@ def _read_image(path: Path, what: str, *, mapped: bool = False) -> bytes:
                     raise LoaderError(f"{path}: empty file, not a {what}")
                 return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise LoaderError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise LoaderError(f"{path}: is a directory") from None
-    except PermissionError:
-        raise LoaderError(f"{path}: permission denied") from None
     except OSError as e:
-        raise LoaderError(f"{path}: cannot read: {e.strerror}") from None
+        raise LoaderError(unreadable(path, e)) from None
     if not data:
         raise LoaderError(f"{path}: empty file, not a {what}")
     return data

@@ -16,6 +16,17 @@ class VmmError(Exception):
     exit_status = 2
 
 
+def unreadable(path, error: OSError) -> str:
+    """``PATH: why`` for a file vmm could not read, in the words a user expects."""
+    if isinstance(error, FileNotFoundError):
+        return f"{path}: no such file"
+    if isinstance(error, IsADirectoryError):
+        return f"{path}: is a directory"
+    if isinstance(error, PermissionError):
+        return f"{path}: permission denied"
+    return f"{path}: cannot read: {error.strerror or error}"
+
+
 class UsageError(VmmError):
     """Bad user input: a missing file, a bad size, a bad option combination."""
 

@@ -23,7 +23,7 @@ import os
 import zlib
 from pathlib import Path
 
-from vmm.errors import SnapshotError
+from vmm.errors import SnapshotError, unreadable
 from vmm.packed import Packed
 
 MAGIC = b"VMMSNAP\0"
@@ -105,10 +105,7 @@ def decode_sections(data: bytes, name: str) -> dict[str, bytes]:
 def read_state_file(path: Path) -> dict[str, bytes]:
     try:
         data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise SnapshotError(f"{path}: no such file (not a snapshot directory?)") from None
-    except IsADirectoryError:
-        raise SnapshotError(f"{path}: is a directory") from None
     except OSError as e:
-        raise SnapshotError(f"{path}: cannot read: {e.strerror}") from None
+        hint = " (not a snapshot directory?)" if isinstance(e, FileNotFoundError) else ""
+        raise SnapshotError(unreadable(path, e) + hint) from None
     return decode_sections(data, str(path))
