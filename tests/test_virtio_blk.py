@@ -79,7 +79,7 @@ def image(tmp_path):
 def rig(image):
     r = Rig(image)
     yield r
-    assert r.transport.errors["internal error"] == 0
+    assert r.transport.stats.errors["internal error"] == 0
     r.close()
 
 
@@ -132,7 +132,7 @@ def test_features_without_version_1_are_refused(image):
         with pytest.raises(DriverError, match="refused the features"):
             r.driver.init()
         assert not r.driver.status & mmio.STATUS_FEATURES_OK
-        assert r.transport.errors
+        assert r.transport.stats.errors == {mmio.NO_VERSION_1: 1}
     finally:
         r.close()
 
@@ -147,7 +147,7 @@ def test_features_never_offered_are_refused(image):
         d.w32(mmio.DRIVER_FEATURES, 0xFFFFFFFF)
         d.set_status(mmio.STATUS_FEATURES_OK)
         assert not d.status & mmio.STATUS_FEATURES_OK
-        assert r.transport.errors["driver accepted features never offered"] == 1
+        assert r.transport.stats.errors["driver accepted features never offered"] == 1
     finally:
         r.close()
 
@@ -165,7 +165,7 @@ def test_status_out_of_order_is_ignored(image):
         assert d.status == mmio.STATUS_ACKNOWLEDGE
         d.w32(mmio.STATUS, mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_FAILED)
         assert d.status & mmio.STATUS_FAILED
-        assert r.transport.errors["status bit set out of order"] == 2
+        assert r.transport.stats.errors["status bit set out of order"] == 2
     finally:
         r.close()
 
@@ -198,20 +198,103 @@ def test_wrong_size_and_unaligned_register_accesses(rig):
     t.write(mmio.STATUS, b"\0\0")
     t.write(mmio.STATUS + 2, b"\0\0\0\0")
     assert rig.driver.status == 0xF
-    assert t.errors["bad register access"] == 7
+    assert t.stats.errors["bad register access"] == 7
     t.write(mmio.MAGIC, struct.pack("<I", 1))  # read-only register
     assert rig.driver.r32(mmio.MAGIC) == mmio.MAGIC_VALUE
 
 
-def test_queue_registers_of_missing_queue_and_while_ready(rig):
-    d = rig.driver
-    d.w32(mmio.QUEUE_SEL, 7)
-    assert d.r32(mmio.QUEUE_NUM_MAX) == 0 and d.r32(mmio.QUEUE_READY) == 0
-    d.w32(mmio.QUEUE_NUM, 8)
+def _negotiate(d, features=None):
+    """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK: the queue set-up phase."""
+    d.w32(mmio.STATUS, 0)
+    d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
+    accept = VERSION_1 if features is None else features
+    for sel in (0, 1):
+        d.w32(mmio.DRIVER_FEATURES_SEL, sel)
+        d.w32(mmio.DRIVER_FEATURES, (accept >> (32 * sel)) & 0xFFFFFFFF)
+    d.set_status(mmio.STATUS_FEATURES_OK)
+
+
+def _lay_out_queue(d, size=16):
     d.w32(mmio.QUEUE_SEL, 0)
-    d.w32(mmio.QUEUE_DESC_LOW, 0x8000)  # queue 0 is ready: refused
-    assert d.r32(mmio.QUEUE_DESC_LOW) == 0x1000
-    assert d.read(0, 1).status == VIRTIO_BLK_S_OK
+    d.w32(mmio.QUEUE_NUM, size)
+    d.w32(mmio.QUEUE_DESC_LOW, 0x1000)
+    d.w32(mmio.QUEUE_DRIVER_LOW, 0x2000)
+    d.w32(mmio.QUEUE_DEVICE_LOW, 0x3000)
+
+
+def test_queue_registers_of_a_missing_queue(image):
+    r = Rig(image, init=False)
+    try:
+        d = r.driver
+        _negotiate(d)
+        d.w32(mmio.QUEUE_SEL, 7)
+        assert d.r32(mmio.QUEUE_NUM_MAX) == 0 and d.r32(mmio.QUEUE_READY) == 0
+        d.w32(mmio.QUEUE_NUM, 8)
+        assert r.transport.stats.errors[mmio.NO_SUCH_QUEUE] == 1
+    finally:
+        r.close()
+
+
+def test_queue_registers_only_between_features_ok_and_driver_ok(image):
+    """Spec 4.2.3.2: a driver that sets up a queue before FEATURES_OK, or changes one while it runs."""
+    r = Rig(image, init=False)
+    try:
+        d = r.driver
+        d.w32(mmio.STATUS, 0)
+        d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
+        _lay_out_queue(d)  # before FEATURES_OK: every write ignored
+        d.w32(mmio.QUEUE_READY, 1)
+        assert d.r32(mmio.QUEUE_READY) == 0 and d.r32(mmio.QUEUE_DESC_LOW) == 0
+        assert r.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP] == 6
+    finally:
+        r.close()
+    rig = Rig(image)  # a running device
+    try:
+        d = rig.driver
+        before = rig.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP]
+        d.w32(mmio.QUEUE_SEL, 0)
+        d.w32(mmio.QUEUE_DESC_LOW, 0x8000)
+        d.w32(mmio.QUEUE_READY, 0)
+        assert rig.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP] == before + 3
+        assert d.r32(mmio.QUEUE_DESC_LOW) == 0x1000 and d.r32(mmio.QUEUE_READY) == 1
+        assert d.read(0, 1).status == VIRTIO_BLK_S_OK
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_queues_start_at_driver_ok_with_the_negotiated_features(image, event_idx):
+    r = Rig(image, init=False)
+    try:
+        d = r.driver
+        _negotiate(d, VERSION_1 | (EVENT_IDX if event_idx else 0))
+        _lay_out_queue(d)
+        d.w32(mmio.QUEUE_READY, 1)
+        queue = r.transport.queues[0]
+        assert d.r32(mmio.QUEUE_READY) == 1 and queue.ready and not queue.active
+        d.notify(0)  # ready is not running
+        assert r.transport.stats.errors[mmio.NOT_RUNNING] == 1
+        d.set_status(mmio.STATUS_DRIVER_OK)
+        assert queue.active and queue.event_idx is event_idx and queue.indirect is False
+    finally:
+        r.close()
+
+
+def test_configuration_writes_wait_for_features_ok(image):
+    r = Rig(image, init=False)
+    try:
+        written = []
+        r.device.write_config = lambda offset, data: written.append((offset, data))
+        d = r.driver
+        d.w32(mmio.STATUS, 0)
+        d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
+        r.transport.write(mmio.CONFIG + 0x20, b"\x01")
+        assert written == [] and r.transport.stats.errors[mmio.CONFIG_BEFORE_FEATURES] == 1
+        _negotiate(d)
+        r.transport.write(mmio.CONFIG + 0x20, b"\x01")
+        assert written == [(0x20, b"\x01")]
+    finally:
+        r.close()
 
 
 @pytest.mark.parametrize(
@@ -242,10 +325,10 @@ def test_bad_queue_setup_is_refused(image, register, value):
         d.w32(register, value)
         d.w32(mmio.QUEUE_READY, 1)
         assert d.r32(mmio.QUEUE_READY) == 0
-        assert r.transport.errors["queue set-up refused"] == 1
+        assert r.transport.stats.errors["queue set-up refused"] == 1
         d.set_status(mmio.STATUS_DRIVER_OK)
         d.notify(0)  # a notify for a queue that is not ready: ignored
-        assert r.transport.errors["notify of a queue that is not ready"] == 1
+        assert r.transport.stats.errors["notify of a queue that is not ready"] == 1
     finally:
         r.close()
 
@@ -254,11 +337,11 @@ def test_notify_before_driver_ok_and_for_missing_queue(image):
     r = Rig(image, init=False)
     try:
         r.driver.notify(0)
-        assert r.transport.errors["notify while the device is not running"] == 1
+        assert r.transport.stats.errors["notify while the device is not running"] == 1
         r.driver.init()
         r.driver.notify(3)
-        assert r.transport.errors["notify of a queue that is not ready"] == 1
-        assert r.transport.notifications == 2
+        assert r.transport.stats.errors["notify of a queue that is not ready"] == 1
+        assert r.transport.stats.notifications == 2
     finally:
         r.close()
 
@@ -309,7 +392,7 @@ def test_indirect_chain_longer_than_the_queue_is_refused(rig):
     r = rig.driver.write(0, bytes(15 * 512), segment=512, indirect=True)  # 17 entries, queue of 16
     assert r.used_len == 0 and r.status == 0xFF  # untouched: no status written
     assert rig.image() == before
-    assert rig.transport.chain_errors == 1
+    assert rig.transport.stats.chain_errors == 1
 
 
 def test_many_requests_in_one_notification(rig):
@@ -321,7 +404,7 @@ def test_many_requests_in_one_notification(rig):
     d.finish(requests)
     image = rig.image()
     assert [r.data for r in requests] == [image[512 * s : 512 * (s + 1)] for s in range(5)]
-    assert rig.transport.notifications == 1 and rig.transport.interrupts == 1
+    assert rig.transport.stats.notifications == 1 and rig.transport.stats.interrupts == 1
     assert rig.device.requests == 5
 
 
@@ -351,6 +434,17 @@ def test_get_id_into_a_short_buffer(image):
     try:
         request = r.driver.request(blk.VIRTIO_BLK_T_GET_ID, in_len=8)
         assert request.status == VIRTIO_BLK_S_OK and request.data == b"01234567"
+    finally:
+        r.close()
+
+
+def test_discard_needs_the_feature_negotiated_not_only_offered(image):
+    r = Rig(image, features=~(1 << blk.VIRTIO_BLK_F_DISCARD) & ((1 << 64) - 1))
+    try:
+        assert r.device.features >> blk.VIRTIO_BLK_F_DISCARD & 1  # offered
+        before = r.image()
+        assert r.driver.discard([(8, 8)]).status == blk.VIRTIO_BLK_S_UNSUPP
+        assert r.device.failed["request type not negotiated"] == 1 and r.image() == before
     finally:
         r.close()
 
@@ -509,7 +603,7 @@ def test_event_idx_delays_interrupts_until_used_event(rig):
     for sector in range(3):
         d.prepare(VIRTIO_BLK_T_IN, sector, in_len=512)
         d.kick()
-    assert rig.transport.notifications == 4
+    assert rig.transport.stats.notifications == 4
     assert rig.irq.pulses == 2  # one interrupt for three requests
     assert len(d.collect()) == 3
 
@@ -558,7 +652,7 @@ def test_notifications_suppressed_while_the_device_works(image, features):
         assert sent == []  # the kick during processing was suppressed
         d.finish([first, late[0]])
         assert first.status == late[0].status == VIRTIO_BLK_S_OK
-        assert r.transport.notifications == 1 and r.irq.pulses == 1
+        assert r.transport.stats.notifications == 1 and r.irq.pulses == 1
     finally:
         r.close()
 
@@ -566,7 +660,7 @@ def test_notifications_suppressed_while_the_device_works(image, features):
 def test_counters_for_benchmarks(rig):
     for sector in range(4):
         rig.driver.read(sector, 1)
-    assert (rig.transport.notifications, rig.transport.interrupts, rig.transport.requests) == (4, 4, 4)
+    assert (rig.transport.stats.notifications, rig.transport.stats.interrupts, rig.transport.requests) == (4, 4, 4)
 
 
 # --- hostile chains: answered, never raised, the image untouched -------------------------------------------
@@ -618,7 +712,7 @@ def test_hostile_chain_is_returned_unprocessed(rig, case):
     assert [(c.head, c.length) for c in completions] == [(0, 0)]
     assert rig.memory.read_u8(STATUS_AT) == 0xFF  # no status: the chain was never trusted
     assert rig.image() == before
-    assert rig.transport.chain_errors == 1
+    assert rig.transport.stats.chain_errors == 1
     assert not rig.driver.status & mmio.STATUS_NEEDS_RESET
     assert rig.driver.read(0, 1).data == before[:512]  # and the device goes on
 
@@ -712,7 +806,7 @@ def test_avail_idx_jumping_ahead_needs_reset(rig):
     assert rig.driver.used_idx() == 0  # nothing was taken from the ring
     assert rig.image() == before
     rig.driver.notify()  # ignored until reset
-    assert rig.transport.errors["notify while the device is not running"] == 1
+    assert rig.transport.stats.errors["notify while the device is not running"] == 1
     rig.driver.init()  # the driver resets the device: it works again
     assert rig.driver.status == 0xF
     assert rig.driver.read(0, 1).data == before[:512]

@@ -148,13 +148,13 @@ def test_random_descriptor_tables_never_raise_nor_write_unless_asked(case, base_
 
         for name in device.completed:
             event(f"completed {name}")
-        event("chain error" if transport.chain_errors else "no chain error")
+        event("chain error" if transport.stats.chain_errors else "no chain error")
         for reason in device.failed:
             event(f"failed: {reason}")
         if transport.status & mmio.STATUS_NEEDS_RESET:
             event("needs reset")
-        assert transport.errors["internal error"] == 0
-        assert transport.chain_errors + device.requests <= 2 * QUEUE_SIZE
+        assert transport.stats.errors["internal error"] == 0
+        assert transport.stats.chain_errors + device.requests <= 2 * QUEUE_SIZE
         wrote = sum(device.completed[k] for k in ("out", "discard", "write_zeroes"))
         if not wrote:
             assert path.read_bytes() == base_image
@@ -197,7 +197,7 @@ def test_random_register_accesses_never_raise(accesses, base_image, tmp_path):
                 transport.write(offset, value.to_bytes(8, "little")[:size])
             else:
                 assert len(transport.read(offset, size)) == size
-        assert transport.errors["internal error"] == 0
+        assert transport.stats.errors["internal error"] == 0
         if not device.completed["out"]:
             assert path.read_bytes() == base_image
     finally:

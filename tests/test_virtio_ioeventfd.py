@@ -213,9 +213,9 @@ def test_requests_complete_through_the_io_thread(attached):
     assert counters["interrupts"] == 3 and counters["interrupt"] == "irqfd"
     assert counters["notify_path"] == "ioeventfd"
     # Exits left per request: the interrupt handler's InterruptStatus read and ACK write.
-    before = (transport.register_reads, transport.register_writes)
+    before = (transport.stats.register_reads, transport.stats.register_writes)
     driver.read(0, 1)
-    assert (transport.register_reads - before[0], transport.register_writes - before[1]) == (1, 1)
+    assert (transport.stats.register_reads - before[0], transport.stats.register_writes - before[1]) == (1, 1)
 
 
 def test_a_guest_reset_keeps_the_registration_working(attached):
@@ -234,12 +234,12 @@ def test_a_kick_before_the_queue_is_ready_is_refused_like_the_register_write(att
     transport = machine.mmio.mappings()[0].device
     assert vm.guest_write(machine.mmio, BASE + mmio.QUEUE_NOTIFY, 0) == "ioeventfd"
     deadline = time.monotonic() + 5
-    while not transport.errors and time.monotonic() < deadline:
+    while not transport.stats.errors and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert transport.errors["notify while the device is not running"] == 1
+    assert transport.stats.errors["notify while the device is not running"] == 1
     # A queue index with no eventfd is no match for KVM: an ordinary exit, refused the same way.
     assert vm.guest_write(machine.mmio, BASE + mmio.QUEUE_NOTIFY, 7) == "exit"
-    assert transport.errors["notify while the device is not running"] == 2
+    assert transport.stats.errors["notify while the device is not running"] == 2
 
 
 def test_machine_close_stops_the_io_thread(attached):

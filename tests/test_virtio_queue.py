@@ -402,3 +402,35 @@ def test_enable_notification_writes_avail_event_and_rechecks():
         assert r.queue.enable_notification() is True  # so process again, not sleep
     finally:
         r.close()
+
+
+def test_a_chain_over_4_gib_is_a_bad_chain() -> None:
+    """Five descriptors of ~1 GiB (the same RAM each time): used.len could not say how much was written."""
+    memory = GuestMemory([(0, 1 << 30)])  # MAP_NORESERVE: nothing touched, nothing spent
+    try:
+        queue = Queue(8)
+        queue.size = 8
+        queue.desc_table, queue.avail_ring, queue.used_ring = DESC, AVAIL, USED
+        queue.activate(memory, event_idx=False, indirect=False)
+        for i in range(5):
+            memory.write(DESC + 16 * i, struct.pack("<QIHH", 0x1_0000, 0x3FFF_0000, (N if i < 4 else 0) | W, i + 1))
+        memory.write_u16(AVAIL + 4, 0)
+        memory.write_u16(AVAIL + 2, 1)
+        with pytest.raises(q.ChainLengthError, match="past 2\\*\\*32") as error:
+            queue.pop()
+        assert error.value.head == 0 and isinstance(error.value, q.ChainError)
+        with pytest.raises(ValueError):
+            queue.add_used(0, 1 << 32)  # and the device can never report one
+    finally:
+        memory.close()
+
+
+def test_needs_notification_fences_by_itself(rings, monkeypatch):
+    """The used index is published before the driver's used_event is read, whoever called before."""
+    calls = []
+    monkeypatch.setattr(q, "full_barrier", lambda: calls.append("fence"))
+    original = rings.queue.avail_flags
+    monkeypatch.setattr(rings.queue, "avail_flags", lambda: calls.append("read flags") or original())
+    rings.queue.add_used(0, 0)
+    assert rings.queue.needs_notification() is True
+    assert calls == ["fence", "read flags"]

@@ -276,8 +276,8 @@ class VirtioBlock:
         """DISCARD and WRITE_ZEROES: every segment checked before any is done."""
         discard = kind == VIRTIO_BLK_T_DISCARD
         feature = VIRTIO_BLK_F_DISCARD if discard else VIRTIO_BLK_F_WRITE_ZEROES
-        if not self.features >> feature & 1:
-            raise RequestError(VIRTIO_BLK_S_UNSUPP, "request type not offered", name)
+        if not self.negotiated >> feature & 1:  # offered is not enough: the driver must have accepted it
+            raise RequestError(VIRTIO_BLK_S_UNSUPP, "request type not negotiated", name)
         max_sectors = MAX_DISCARD_SECTORS if discard else MAX_WRITE_ZEROES_SECTORS
         max_seg = MAX_DISCARD_SEG if discard else MAX_WRITE_ZEROES_SEG
         if length == 0 or length % SEGMENT.size:

@@ -5,13 +5,29 @@ A 4 KiB window of 32-bit registers, then the device's configuration space at
 ``virtio_mmio.device=4K@0xd0000000:5`` and talks to it with plain loads and
 stores, each one an MMIO exit that the bus turns into :meth:`read` or
 :meth:`write` here. The transport knows nothing of block devices: it
-negotiates features, runs the status state machine, holds the queue
-registers, and when the driver writes QueueNotify it runs the device over
-that queue and interrupts the driver if the ring says it wants to hear.
+negotiates features, runs the status state machine and holds the queue
+registers; when the driver writes QueueNotify, a :class:`QueueServer`
+(vmm/devices/virtio/service.py) runs the device over that queue, and the
+transport interrupts the driver if the ring says it wants to hear.
+
+The phases of the status state machine (spec 2.1, 3.1.1) hold by themselves,
+whatever order the driver writes in:
+
+* features are written between DRIVER and FEATURES_OK;
+* queue registers (QueueSel, QueueNum, QueueReady, the ring addresses) are
+  accepted only between FEATURES_OK and DRIVER_OK: a queue's layout depends on
+  the negotiated features, and a running queue's must not change;
+* QueueReady = 1 checks and freezes a queue's size and areas; DRIVER_OK
+  *activates* the ready queues with the negotiated features, and only then does
+  the device see them;
+* configuration-space writes are accepted once FEATURES_OK is set (the
+  features decide the layout);
+* notifications are served only while DRIVER_OK is set and nothing failed.
 
 Everything the guest writes is hostile and nothing it writes makes this class
-raise: a value that makes no sense is ignored and counted in :attr:`errors`;
-a ring that cannot be trusted any more sets DEVICE_NEEDS_RESET.
+raise: a value that makes no sense is ignored, counted in ``stats.errors``
+under its reason, and traced; a ring that cannot be trusted any more sets
+DEVICE_NEEDS_RESET.
 """
 
 from __future__ import annotations
@@ -20,13 +36,11 @@ import contextlib
 import struct
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from vmm.devices.virtio.queue import (
-    ChainError, DescriptorChain, Queue, QueueError, QueueState, RingError,
-)
+from vmm.devices.virtio.queue import DescriptorChain, Queue, QueueError, QueueState, RingError
+from vmm.devices.virtio.service import QueueServer, TransportStats
 from vmm.memory import GuestMemory
 
 
@@ -37,6 +51,7 @@ def _log():
     import logging
 
     return logging.getLogger(__name__)
+
 
 MAGIC_VALUE = 0x74726976  # "virt"
 VERSION = 2
@@ -129,8 +144,34 @@ class TransportState:
     queues: tuple[QueueState, ...]
 
 
+# Why the transport ignores a guest write: the keys of stats.errors.
+BAD_ACCESS = "bad register access"
+READ_ONLY = "write to a read-only or reserved register"
+FEATURES_OUTSIDE_NEGOTIATION = "driver features written outside negotiation"
+FEATURES_PAST_63 = "driver features past bit 63"
+QUEUE_OUTSIDE_SETUP = "queue register outside queue set-up (FEATURES_OK..DRIVER_OK)"
+NO_SUCH_QUEUE = "queue register of a queue that does not exist"
+QUEUE_FROZEN = "queue register written while the queue is ready"
+QUEUE_REFUSED = "queue set-up refused"
+CONFIG_BEFORE_FEATURES = "configuration written before FEATURES_OK"
+STATUS_CLEARED = "status bits cleared without a reset"
+STATUS_ORDER = "status bit set out of order"
+STATUS_UNKNOWN = "unknown status bits"
+FEATURES_NEVER_OFFERED = "driver accepted features never offered"
+NO_VERSION_1 = "driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)"
+NOT_RUNNING = "notify while the device is not running"
+QUEUE_NOT_READY = "notify of a queue that is not ready"
+NEEDS_RESET = "device needs reset"
+INTERNAL = "internal error"
+
+_QUEUE_REGISTERS = (QUEUE_SEL, QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH,
+                    QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH)
+_RING_ADDRESS = {QUEUE_DESC_LOW: "desc_table", QUEUE_DRIVER_LOW: "avail_ring",
+                 QUEUE_DEVICE_LOW: "used_ring"}
+
+
 class VirtioMmioTransport:
-    """One virtio device behind a virtio-mmio register window."""
+    """One virtio device behind a virtio-mmio register window: registers and status machine."""
 
     def __init__(
         self,
@@ -154,19 +195,10 @@ class VirtioMmioTransport:
         self.trace: Callable[[str], None] | None = None  # --trace: one line per event
         self._lock = threading.RLock()  # re-entered by state() inside paused()
         self.queues = [Queue(size) for size in device.queue_max_sizes]
-        # Statistics, never reset (benchmarks read them).
-        self.notifications = 0  # QueueNotify writes (MMIO exits or ioeventfd kicks)
-        self.interrupts = 0  # interrupts signalled (used ring and config)
-        self.register_reads = 0  # register window accesses: each one an MMIO exit
-        self.register_writes = 0
-        self.first_notify_ns = 0  # monotonic ns of the first notification since restart_timing()
-        self.last_interrupt_ns = 0  # monotonic ns of the last interrupt
-        self.busy_ns = 0  # time spent working on rings (in notify), any thread
+        self.stats = TransportStats()  # never reset (benchmarks read them)
+        self.server = QueueServer(device, memory, self.stats, self._error)
         self.notify_path = "exit"  # "exit" or "ioeventfd": how QueueNotify reaches notify()
         self.io_thread = None  # the IoEventThread serving the ioeventfds, if any
-        self.chain_errors = 0  # chains returned unprocessed
-        self.errors: Counter[str] = Counter()  # ignored guest writes, by reason
-        self.last_error = ""
         self._reset_registers()
 
     # --- state -----------------------------------------------------------------------------
@@ -202,7 +234,7 @@ class VirtioMmioTransport:
         """Take on a saved state, and serve what the driver queued meanwhile.
 
         A kick the guest gave just before the snapshot may have been counted in
-        an ioeventfd that no longer exists: each ready queue is looked at once,
+        an ioeventfd that no longer exists: each active queue is looked at once,
         which is harmless when it holds nothing new.
         """
         if len(state.queues) != len(self.queues):
@@ -223,13 +255,12 @@ class VirtioMmioTransport:
                                      f"> {queue.max_size}")
                 queue.restore(queue_state, self.memory)
             if self.status & STATUS_DRIVER_OK:
-                self.device.activate(self.negotiated_features)
+                self._activate()
             self._update_level()
-            running = self.status & STATUS_DRIVER_OK and not self.status & (
-                STATUS_FAILED | STATUS_NEEDS_RESET)
-            for index, queue in enumerate(self.queues):
-                if running and queue.ready and not queue.broken:
-                    self._notify(index, kicks=0)
+            if self._running():
+                for index, queue in enumerate(self.queues):
+                    if queue.active and not queue.broken:
+                        self._notify(index, kicks=0)
 
     def reset(self) -> None:
         """The driver wrote 0 to Status: back to power-on state (spec 2.4)."""
@@ -251,13 +282,21 @@ class VirtioMmioTransport:
         return self.driver_features & self.device.features
 
     def _error(self, reason: str, detail: str = "") -> None:
-        self.errors[reason] += 1
-        self.last_error = f"{reason}: {detail}" if detail else reason
-        _log().debug("%s: %s", self.name, self.last_error)
+        self.stats.error(reason, detail)
+        _log().debug("%s: %s", self.name, self.stats.last_error)
+        self._emit(f"ignored: {self.stats.last_error}")
 
     def _emit(self, message: str) -> None:
         if self.trace is not None:
             self.trace(f"{self.name}: {message}")
+
+    # phases of the status machine
+    def _in_queue_setup(self) -> bool:
+        return (self.status & (STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED | STATUS_NEEDS_RESET)
+                == STATUS_FEATURES_OK)
+
+    def _running(self) -> bool:
+        return bool(self.status & STATUS_DRIVER_OK) and not self.status & (STATUS_FAILED | STATUS_NEEDS_RESET)
 
     # --- the bus protocol -----------------------------------------------------------------
     def counters(self) -> dict[str, int | str]:
@@ -269,40 +308,32 @@ class VirtioMmioTransport:
             "requests": self.requests,
             "bytes_read": getattr(device, "bytes_read", 0),
             "bytes_written": getattr(device, "bytes_written", 0),
-            "notifications": self.notifications,
-            "interrupts": self.interrupts,
-            "register_reads": self.register_reads,
-            "register_writes": self.register_writes,
-            "chain_errors": self.chain_errors,
-            "errors": sum(self.errors.values()),
-            "first_notify_ns": self.first_notify_ns,
-            "last_interrupt_ns": self.last_interrupt_ns,
-            "busy_ns": self.busy_ns,
+            **self.stats.as_dict(),
             "io_thread_wakeups": getattr(self.io_thread, "wakeups", 0),
         }
 
     def restart_timing(self) -> None:
         """Forget the first notification's time (a benchmark starts a new phase)."""
-        self.first_notify_ns = 0
+        self.stats.first_notify_ns = 0
 
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
-            self.register_reads += 1
+            self.stats.register_reads += 1
             if offset >= CONFIG:
                 return self._read_config(offset - CONFIG, size)
             if size != 4 or offset % 4:
-                self._error("bad register access", f"read of {size} bytes at {offset:#x}")
+                self._error(BAD_ACCESS, f"read of {size} bytes at {offset:#x}")
                 return bytes(size)
             return struct.pack("<I", self._read_register(offset) & 0xFFFFFFFF)
 
     def write(self, offset: int, data: bytes) -> None:
         with self._lock:
-            self.register_writes += 1
+            self.stats.register_writes += 1
             if offset >= CONFIG:
-                self.device.write_config(offset - CONFIG, bytes(data))
+                self._write_config(offset - CONFIG, bytes(data))
                 return
             if len(data) != 4 or offset % 4:
-                self._error("bad register access", f"write of {len(data)} bytes at {offset:#x}")
+                self._error(BAD_ACCESS, f"write of {len(data)} bytes at {offset:#x}")
                 return
             value = struct.unpack("<I", data)[0]
             if offset == QUEUE_NOTIFY:
@@ -357,21 +388,13 @@ class VirtioMmioTransport:
                       QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
             if queue is None:
                 return 0
-            address = self._queue_address(queue, offset)
+            address = getattr(queue, _RING_ADDRESS[offset & ~4])
             return address >> 32 if offset % 8 else address
         if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
             return 0xFFFFFFFF  # no shared memory regions: length ~0 means "none"
         if offset == CONFIG_GENERATION:
             return self.config_generation
         return 0  # write-only and reserved registers read as 0
-
-    @staticmethod
-    def _queue_address(queue: Queue, offset: int) -> int:
-        if offset in (QUEUE_DESC_LOW, QUEUE_DESC_HIGH):
-            return queue.desc_table
-        if offset in (QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH):
-            return queue.avail_ring
-        return queue.used_ring
 
     def _write_register(self, offset: int, value: int) -> None:
         if offset == DEVICE_FEATURES_SEL:
@@ -380,8 +403,6 @@ class VirtioMmioTransport:
             self.driver_features_sel = value
         elif offset == DRIVER_FEATURES:
             self._write_driver_features(value)
-        elif offset == QUEUE_SEL:
-            self.queue_sel = value
         elif offset == STATUS:
             self._write_status(value)
         elif offset == INTERRUPT_ACK:
@@ -389,43 +410,45 @@ class VirtioMmioTransport:
             self._update_level()
         elif offset == SHM_SEL:
             self.shm_sel = value
-        elif offset in (QUEUE_NUM, QUEUE_READY, QUEUE_DESC_LOW, QUEUE_DESC_HIGH, QUEUE_DRIVER_LOW,
-                        QUEUE_DRIVER_HIGH, QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
+        elif offset in _QUEUE_REGISTERS:
             self._write_queue_register(offset, value)
         else:
-            self._error("write to a read-only or reserved register", f"{offset:#x} = {value:#x}")
+            self._error(READ_ONLY, f"{offset:#x} = {value:#x}")
 
     def _write_driver_features(self, value: int) -> None:
         if self.status & STATUS_FEATURES_OK or not self.status & STATUS_DRIVER:
-            self._error("driver features written outside negotiation", f"{value:#x}")
+            self._error(FEATURES_OUTSIDE_NEGOTIATION, f"{value:#x}")
             return
         if self.driver_features_sel > 1:
             if value:
-                self._error("driver features past bit 63", f"sel {self.driver_features_sel}")
+                self._error(FEATURES_PAST_63, f"sel {self.driver_features_sel}")
             return
         shift = 32 * self.driver_features_sel
         self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (value << shift)
 
     def _write_queue_register(self, offset: int, value: int) -> None:
+        if not self._in_queue_setup():
+            self._error(QUEUE_OUTSIDE_SETUP, f"{offset:#x} = {value:#x}, status {self.status:#x}")
+            return
+        if offset == QUEUE_SEL:
+            self.queue_sel = value
+            return
         queue = self._selected()
         if queue is None:
-            self._error("queue register of a queue that does not exist", f"queue {self.queue_sel}")
+            self._error(NO_SUCH_QUEUE, f"queue {self.queue_sel}")
             return
         if offset == QUEUE_READY:
             self._write_queue_ready(queue, value)
             return
         if queue.ready:
-            self._error("queue register written while the queue is ready", f"{offset:#x}")
+            self._error(QUEUE_FROZEN, f"{offset:#x}")
             return
         if offset == QUEUE_NUM:
             queue.size = value  # checked when the queue is made ready
             return
-        high = offset % 8 == 4
-        base = offset - 4 if high else offset
-        attribute = {QUEUE_DESC_LOW: "desc_table", QUEUE_DRIVER_LOW: "avail_ring",
-                     QUEUE_DEVICE_LOW: "used_ring"}[base]
+        attribute = _RING_ADDRESS[offset & ~4]
         old = getattr(queue, attribute)
-        new = (old & 0xFFFFFFFF) | (value << 32) if high else (old & ~0xFFFFFFFF) | value
+        new = (old & 0xFFFFFFFF) | (value << 32) if offset % 8 else (old & ~0xFFFFFFFF) | value
         setattr(queue, attribute, new)
 
     def _write_queue_ready(self, queue: Queue, value: int) -> None:
@@ -436,15 +459,15 @@ class VirtioMmioTransport:
             return
         problem = queue.check_areas(self.memory)
         if problem:
-            self._error("queue set-up refused", problem)
+            self._error(QUEUE_REFUSED, problem)
             return  # QueueReady reads back 0: the driver sees it failed
-        features = self.negotiated_features
-        queue.activate(
-            self.memory,
-            event_idx=bool(features >> VIRTIO_RING_F_EVENT_IDX & 1),
-            indirect=bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1),
-        )
-        queue.ready = True
+        queue.ready = True  # frozen; the device uses it from DRIVER_OK
+
+    def _write_config(self, offset: int, data: bytes) -> None:
+        if not self.status & STATUS_FEATURES_OK or self.status & STATUS_FAILED:
+            self._error(CONFIG_BEFORE_FEATURES, f"{len(data)} bytes at {offset:#x}")
+            return
+        self.device.write_config(offset, data)
 
     # --- the status state machine (spec 2.1, 3.1.1) ---------------------------------------------
     def _write_status(self, value: int) -> None:
@@ -455,7 +478,7 @@ class VirtioMmioTransport:
         value &= ~STATUS_NEEDS_RESET  # the device's bit: the driver cannot set or clear it
         current = self.status & ~STATUS_NEEDS_RESET
         if value & current != current or value & ~0xFF:
-            self._error("status bits cleared without a reset", f"{self.status:#x} -> {value:#x}")
+            self._error(STATUS_CLEARED, f"{self.status:#x} -> {value:#x}")
             return
         new = value & ~current
         if new & STATUS_FAILED:
@@ -471,45 +494,53 @@ class VirtioMmioTransport:
             if not new & bit:
                 continue
             if needs and not self.status & needs:
-                self._error("status bit set out of order", f"{self.status:#x} -> {value:#x}")
+                self._error(STATUS_ORDER, f"{self.status:#x} -> {value:#x}")
                 return
             if bit == STATUS_FEATURES_OK and not self._features_acceptable():
                 return  # FEATURES_OK does not stick: the driver reads it back and gives up
             if bit == STATUS_DRIVER_OK:
-                self.device.activate(self.negotiated_features)
+                self._activate()
                 self._emit(f"DRIVER_OK, features {self.negotiated_features:#x}")
             self.status |= bit
         if value & ~(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
                      | STATUS_FAILED):
-            self._error("unknown status bits", f"{value:#x}")
+            self._error(STATUS_UNKNOWN, f"{value:#x}")
+
+    def _activate(self) -> None:
+        """DRIVER_OK: the device and every ready queue start, with the negotiated features."""
+        features = self.negotiated_features
+        for queue in self.queues:
+            if queue.ready:
+                queue.activate(self.memory,
+                               event_idx=bool(features >> VIRTIO_RING_F_EVENT_IDX & 1),
+                               indirect=bool(features >> VIRTIO_RING_F_INDIRECT_DESC & 1))
+        self.device.activate(features)
 
     def _features_acceptable(self) -> bool:
         offered = self.device.features
         if self.driver_features & ~offered:
-            self._error("driver accepted features never offered",
-                        f"{self.driver_features & ~offered:#x}")
+            self._error(FEATURES_NEVER_OFFERED, f"{self.driver_features & ~offered:#x}")
             return False
         if not self.driver_features >> VIRTIO_F_VERSION_1 & 1:
-            self._error("driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported)")
+            self._error(NO_VERSION_1)
             return False
         return True
 
     # --- queue notifications and interrupts ------------------------------------------------------
     def _notify(self, queue_index: int, kicks: int = 1) -> None:
-        self.notifications += kicks
-        if not self.first_notify_ns:
-            self.first_notify_ns = time.monotonic_ns()
+        self.stats.notified(kicks)
         self._emit(f"notify queue {queue_index}")
-        if not self.status & STATUS_DRIVER_OK or self.status & (STATUS_FAILED | STATUS_NEEDS_RESET):
-            self._error("notify while the device is not running", f"status {self.status:#x}")
+        if not self._running():
+            self._error(NOT_RUNNING, f"status {self.status:#x}")
             return
-        if queue_index >= len(self.queues) or not self.queues[queue_index].ready:
-            self._error("notify of a queue that is not ready", f"queue {queue_index}")
+        if queue_index >= len(self.queues) or not self.queues[queue_index].active:
+            self._error(QUEUE_NOT_READY, f"queue {queue_index}")
             return
         queue = self.queues[queue_index]
         start = time.monotonic_ns()
         try:
-            self._process(queue_index, queue)
+            if self.server.serve(queue_index, queue):
+                self._signal(INT_USED_RING)
         except RingError as e:
             self._needs_reset(f"{type(e).__name__}: queue {queue_index}: {e}")
             try:  # chains finished before the ring broke still deserve their interrupt
@@ -519,34 +550,13 @@ class VirtioMmioTransport:
                 pass
         except Exception as e:  # a bug in vmm, not the guest's fault; still never kill the vCPU
             _log().exception("%s: internal error on queue %d", self.name, queue_index)
-            self.errors["internal error"] += 1
-            self._needs_reset(f"internal error: {e!r}")
+            self._needs_reset(f"{INTERNAL}: {e!r}")
+            self.stats.errors[INTERNAL] += 1
         finally:
-            self.busy_ns += time.monotonic_ns() - start
-
-    def _process(self, queue_index: int, queue: Queue) -> None:
-        """Take every available chain, do it, give it back; then maybe interrupt."""
-        while True:
-            queue.disable_notification()
-            while True:
-                try:
-                    chain = queue.pop()
-                except ChainError as e:
-                    self.chain_errors += 1
-                    self._error(f"malformed chain: {type(e).__name__}", str(e))
-                    queue.add_used(e.head, 0)
-                    continue
-                if chain is None:
-                    break
-                written = self.device.process_chain(queue_index, chain, self.memory)
-                queue.add_used(chain.head, written)
-            if not queue.enable_notification():
-                break
-        if queue.needs_notification():
-            self._signal(INT_USED_RING)
+            self.stats.busy_ns += time.monotonic_ns() - start
 
     def _needs_reset(self, why: str) -> None:
-        self._error("device needs reset", why)
+        self._error(NEEDS_RESET, why)
         if not self.status & STATUS_NEEDS_RESET:
             self.status |= STATUS_NEEDS_RESET
             if self.status & STATUS_DRIVER_OK:
@@ -554,8 +564,7 @@ class VirtioMmioTransport:
 
     def _signal(self, reason: int) -> None:
         self.interrupt_status |= reason
-        self.interrupts += 1
-        self.last_interrupt_ns = time.monotonic_ns()
+        self.stats.interrupted()
         if self.trace is not None:
             self._emit(f"interrupt (status {self.interrupt_status:#x}) via "
                        f"{getattr(self.interrupt, 'kind', 'KVM_IRQ_LINE')}")
@@ -574,4 +583,3 @@ class VirtioMmioTransport:
     def _read_config(self, offset: int, size: int) -> bytes:
         data = self.device.read_config(offset, size)
         return data[:size].ljust(size, b"\0")
-

@@ -24,8 +24,16 @@ failure raises a specific :class:`QueueError` subclass. Two kinds:
 
 Python has no data races on guest RAM in the sense C has, but the *order* of
 our stores still matters to the guest running on another CPU: the used element
-is written before ``used.idx``, and after publishing ``avail_event`` we take a
-full barrier before re-reading ``avail.idx`` (:func:`full_barrier`).
+is written before ``used.idx``; after publishing ``avail_event`` we take a full
+barrier before re-reading ``avail.idx``, and after publishing ``used.idx`` one
+before reading the driver's ``used_event`` or flags (:func:`full_barrier`).
+Each method that needs a barrier takes it itself, whatever was called before.
+
+A queue has two steps of set-up, as the spec has: *ready* (the driver wrote
+QueueReady = 1: its size and areas were checked and are frozen) and *active*
+(the driver wrote DRIVER_OK: the transport hands the queue guest memory and
+the negotiated ring features, :meth:`Queue.activate`). Only an active queue
+touches guest RAM.
 """
 
 from __future__ import annotations
@@ -108,6 +116,10 @@ class DescriptorOrderError(ChainError):
     """A device-readable buffer after a device-writable one (spec 2.7.4.2)."""
 
 
+class ChainLengthError(ChainError):
+    """The buffers add up to more than 2**32 - 1 bytes: used.len could not say how much was written."""
+
+
 # --- a walked chain ------------------------------------------------------------------
 class Buffer(NamedTuple):
     """One guest buffer of a chain, already checked to lie inside guest RAM."""
@@ -166,8 +178,6 @@ class QueueState:
     desc_table: int
     avail_ring: int
     used_ring: int
-    event_idx: bool
-    indirect: bool
     next_avail: int
     next_used: int
     signalled_used: int | None
@@ -203,13 +213,17 @@ class Queue:
     def state(self) -> QueueState:
         return QueueState(
             size=self.size, ready=self.ready, desc_table=self.desc_table,
-            avail_ring=self.avail_ring, used_ring=self.used_ring, event_idx=self.event_idx,
-            indirect=self.indirect, next_avail=self.next_avail, next_used=self.next_used,
+            avail_ring=self.avail_ring, used_ring=self.used_ring,
+            next_avail=self.next_avail, next_used=self.next_used,
             signalled_used=self.signalled_used, broken=self.broken,
         )
 
     def restore(self, state: QueueState, memory: GuestMemory) -> None:
-        """Take on a saved state; a ready queue's rings must lie in ``memory``."""
+        """Take on a saved state; a ready queue's rings must lie in ``memory``.
+
+        The queue comes back ready, not active: the transport activates it if
+        its saved status says DRIVER_OK, with the features it negotiated.
+        """
         self.reset()
         self.size = state.size
         self.desc_table, self.avail_ring, self.used_ring = (
@@ -221,7 +235,6 @@ class Queue:
             problem = self.check_areas(memory)
             if problem:
                 raise ValueError(f"queue state: {problem}")
-            self.activate(memory, event_idx=state.event_idx, indirect=state.indirect)
             self.ready = True
 
     # --- set-up, by the transport ------------------------------------------------------
@@ -249,7 +262,12 @@ class Queue:
                 return f"{name} {address:#x}+{length:#x} is outside guest RAM"
         return None
 
+    @property
+    def active(self) -> bool:
+        return self.memory is not None
+
     def activate(self, memory: GuestMemory, *, event_idx: bool, indirect: bool) -> None:
+        """DRIVER_OK: the rings may be used, with these negotiated features."""
         self.memory = memory
         self.event_idx = event_idx
         self.indirect = indirect
@@ -347,6 +365,7 @@ class Queue:
         table, table_len = self.desc_table, self.size
         index, seen, in_indirect = head, set(), False
         saw_write = False
+        total = 0  # bytes in the chain's buffers
         while True:
             if index >= table_len:
                 where = "indirect table" if in_indirect else "queue"
@@ -380,6 +399,9 @@ class Queue:
                 raise BufferAddressError(head, f"buffer {addr:#x}+{length:#x} wraps past 2**64")
             if not memory.is_valid(addr, length):
                 raise BufferAddressError(head, f"buffer {addr:#x}+{length:#x} outside guest RAM")
+            total += length
+            if total > 0xFFFF_FFFF:
+                raise ChainLengthError(head, f"buffers of {total} bytes and more, past 2**32 - 1")
             is_write = bool(flags & VIRTQ_DESC_F_WRITE)
             if self.strict_order and saw_write and not is_write:
                 raise DescriptorOrderError(head, f"readable descriptor {index} after a writable one")
@@ -393,7 +415,9 @@ class Queue:
     def add_used(self, head: int, written: int) -> None:
         """Return chain ``head`` to the driver; ``written`` bytes went into its buffers."""
         slot = self.next_used % self.size
-        element = _USED_ELEM.pack(head, written & 0xFFFFFFFF)
+        if not 0 <= written <= 0xFFFF_FFFF:  # the device's number: a bug, not the guest's doing
+            raise ValueError(f"used length {written} does not fit le32")
+        element = _USED_ELEM.pack(head, written)
         self._write(self.used_ring + 4 + USED_ELEM_SIZE * slot, element)  # element first,
         self.next_used = (self.next_used + 1) & 0xFFFF
         self._write(self.used_ring + 2, struct.pack("<H", self.next_used))  # then the index
@@ -409,6 +433,9 @@ class Queue:
         self.signalled_used = new
         if old == new:
             return False  # nothing added since the last decision
+        # used.idx is published; the driver's flags/used_event must be read after
+        # it (spec 2.7.7.2, Linux's virtqueue_kick_prepare pairs with this).
+        full_barrier()
         if not self.event_idx:
             return not self.avail_flags() & VIRTQ_AVAIL_F_NO_INTERRUPT
         if old is None:
