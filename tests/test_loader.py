@@ -13,6 +13,7 @@ from vmm.arch.x86_64 import layout
 from vmm.arch.x86_64.mptable import build_mptable
 from vmm.builder import encode_argv
 from vmm.errors import LoaderError
+from vmm.memory import GuestMemory
 from vmm.images.cpio import CpioWriter
 from vmm.loader.bootparams import build_zero_page
 from vmm.loader.bzimage import SETUP_HEADER_OFFSET, parse_bzimage
@@ -236,3 +237,59 @@ def test_cpio_newc_layout() -> None:
         at += -at % 4
         at += filesize + (-filesize % 4)
     assert names == ["bin", "init", "bin/sh", "dev/console", "TRAILER!!!"]
+
+
+# --- where a kernel may go ----------------------------------------------------------------------
+def tiny_elf(*segments: tuple[int, int]) -> bytes:
+    """An x86-64 ELF with one PT_LOAD per (paddr, size), 16 bytes of code each."""
+    from vmm.loader.elf import ELF_HEADER, PROGRAM_HEADER
+
+    phoff = ELF_HEADER.size
+    data_at = phoff + PROGRAM_HEADER.size * len(segments)
+    ident = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header = ELF_HEADER.pack(ident, 2, 62, 1, segments[0][0], phoff, 0, 0, ELF_HEADER.size,
+                             PROGRAM_HEADER.size, len(segments), 0, 0, 0)
+    table = b"".join(PROGRAM_HEADER.pack(1, 5, data_at, 0xFFFF_FFFF_8000_0000 + paddr, paddr, 16,
+                                         size, 0x1000) for paddr, size in segments)
+    return header + table + b"\x90" * 16
+
+
+@pytest.mark.parametrize("paddr, size, message", [
+    (0x7000, 0x1000, r"segment 1 at 0x7000\+0x1000 overlaps the zero page vmm writes at 0x7000"),
+    (0x6800, 0x2000, r"overlaps the PVH memory map and module list"),
+    (0x20000, 0x10, r"overlaps the kernel command line"),
+    (0x50000, 0x1000, r"segment 1 at 0x50000\+0x1000 is below 1 MiB"),
+    (0x9F000, 0x2000, r"overlaps the MP table"),
+])
+def test_kernel_segments_may_not_land_on_vmms_boot_structures(paddr, size, message) -> None:
+    from vmm.loader.linux import load_kernel
+
+    memory = GuestMemory([(0, 64 << 20)])
+    try:
+        with pytest.raises(LoaderError, match=message):
+            load_kernel(memory, tiny_elf((0x100_0000, 0x1000), (paddr, size)), "k")
+    finally:
+        memory.close()
+
+
+def test_a_kernel_at_1_mib_loads_with_a_typed_result() -> None:
+    from vmm.loader.linux import EntryProtocol, KernelFormat, load_kernel
+
+    memory = GuestMemory([(0, 64 << 20)])
+    try:
+        loaded = load_kernel(memory, tiny_elf((0x10_0000, 0x2000), (0x100_0000, 0x1000)), "k")
+        assert loaded.format is KernelFormat.VMLINUX and loaded.protocol is EntryProtocol.LINUX64
+        assert loaded.entry == 0x10_0000 and loaded.end == 0x100_1000
+        assert memory.read(0x10_0000, 16) == b"\x90" * 16 and loaded.cmdline_limit == 2047
+    finally:
+        memory.close()
+
+
+def test_boot_structures_do_not_overlap_and_stay_below_1_mib() -> None:
+    structures = sorted(layout.BOOT_STRUCTURES, key=lambda s: s[1])
+    for (name, start, size), (next_name, next_start, _) in zip(structures, structures[1:]):
+        assert start + size <= next_start, f"{name} overlaps {next_name}"
+    assert structures[-1][1] + structures[-1][2] <= layout.HIGH_MEMORY
+    from vmm.arch.x86_64.cpu import GDT_ENTRIES
+
+    assert len(GDT_ENTRIES) * 8 == layout.BOOT_GDT_SIZE  # the GDT the IDT used to overwrite

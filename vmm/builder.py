@@ -347,17 +347,17 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
 
     # 3. The kernel, the initrd.
     name = str(kernel_path)
-    fmt, entry, kernel_end, parsed = linux.load_kernel(memory, kernel, name)
+    loaded = linux.load_kernel(memory, kernel, name)
     initrd_place = None
     if initrd is not None:
-        max_address = parsed.initrd_addr_max if fmt == "bzImage" else layout.MMIO_GAP_START - 1
-        initrd_place = linux.place_initrd(memory, initrd, kernel_end, max_address, str(initrd_path))
+        initrd_place = linux.place_initrd(memory, initrd, loaded.end, loaded.initrd_max_address,
+                                          str(initrd_path))
     machine.phases["loaded"] = time.monotonic_ns()
 
     # 4. Devices, then the boot structures that describe them and the command line.
     devices = add_linux_devices(machine, config, output, events)
-    cmdline = linux_cmdline(config, machine, devices, linux.cmdline_limit(fmt, parsed), mailbox)
-    boot_info = linux.write_boot_info(memory, fmt, parsed, cmdline, config.mem, initrd_place)
+    cmdline = linux_cmdline(config, machine, devices, loaded.cmdline_limit, mailbox)
+    boot_info = linux.write_boot_info(memory, loaded, cmdline, config.mem, initrd_place)
     memory.write(layout.MPTABLE, mptable.build_mptable(config.cpus))
     memory.write(layout.BOOT_GDT, cpu.gdt_bytes())
     memory.write(layout.BOOT_IDT, bytes(8))
@@ -373,14 +373,13 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
         cpu.setup_lint(vcpu)
         machine.vcpus.append(vcpu)
     bsp = machine.vcpus[0]
-    if fmt == "vmlinux (PVH)":
-        cpu.setup_protected_mode(bsp, entry, boot_info)
+    if loaded.protocol is linux.EntryProtocol.PVH:
+        cpu.setup_protected_mode(bsp, loaded.entry, boot_info)
     else:
-        cpu.setup_long_mode(bsp, entry, boot_info)
+        cpu.setup_long_mode(bsp, loaded.entry, boot_info)
     # The application processors wait for the guest's INIT/SIPI in the LAPIC.
     machine.phases["kvm_ready"] = time.monotonic_ns()
-    entry_info = linux.BootEntry("pvh" if fmt == "vmlinux (PVH)" else "linux64", entry,
-                                 boot_info, fmt, kernel_end)
+    entry_info = linux.BootEntry(loaded.protocol, loaded.entry, boot_info, loaded.format, loaded.end)
     return LinuxGuest(machine, devices, entry_info, str(cmdline), kernel_path, system_map,
                       initrd_path)
 

@@ -14,6 +14,7 @@ It returns where to start and how; the builder sets up the vCPU accordingly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from vmm.arch.x86_64 import layout
 from vmm.errors import LoaderError
@@ -27,32 +28,70 @@ PAGE = 4096
 BZIMAGE_64BIT_ENTRY_OFFSET = 0x200  # startup_64 is 512 bytes into the protected-mode part
 
 
+class KernelFormat(StrEnum):
+    """What the kernel file is (its value is what tables and metrics print)."""
+
+    VMLINUX_PVH = "vmlinux (PVH)"  # an ELF with the Xen PVH entry note
+    VMLINUX = "vmlinux"  # any other x86-64 ELF
+    BZIMAGE = "bzImage"
+
+
+class EntryProtocol(StrEnum):
+    """How the first instruction is entered, and where the boot information goes."""
+
+    PVH = "pvh"  # 32-bit protected mode, paging off; EBX = hvm_start_info
+    LINUX64 = "linux64"  # 64-bit boot protocol: long mode, identity map; RSI = zero page
+
+
+@dataclass(frozen=True)
+class LoadedKernel:
+    """A kernel copied into guest RAM: what the rest of the boot recipe needs of it."""
+
+    format: KernelFormat
+    entry: int  # guest-physical address of the first instruction
+    end: int  # first byte above the kernel's memory footprint
+    parsed: object  # the ElfKernel or BzImage it was read as
+
+    @property
+    def protocol(self) -> EntryProtocol:
+        return EntryProtocol.PVH if self.format is KernelFormat.VMLINUX_PVH else EntryProtocol.LINUX64
+
+    @property
+    def cmdline_limit(self) -> int:
+        """The longest command line the kernel accepts (a bzImage says; ELF: x86's default)."""
+        return self.parsed.cmdline_size if self.format is KernelFormat.BZIMAGE else DEFAULT_LIMIT
+
+    @property
+    def initrd_max_address(self) -> int:
+        """The highest byte the initrd may occupy (a bzImage says; ELF: below the MMIO gap)."""
+        if self.format is KernelFormat.BZIMAGE:
+            return self.parsed.initrd_addr_max
+        return layout.MMIO_GAP_START - 1
+
+
 @dataclass(frozen=True)
 class BootEntry:
-    mode: str  # "pvh" (32-bit protected mode) or "linux64" (64-bit boot protocol)
+    protocol: EntryProtocol
     entry: int  # guest-physical address of the first instruction
     boot_info: int  # EBX for PVH (hvm_start_info), RSI for linux64 (zero page)
-    kernel_format: str  # "vmlinux (PVH)", "vmlinux", "bzImage"
+    kernel_format: KernelFormat
     kernel_end: int  # first byte above the kernel's memory footprint
 
 
-def cmdline_limit(fmt: str, parsed) -> int:
-    """The longest command line the loaded kernel accepts (a bzImage says; ELF: x86's default)."""
-    return parsed.cmdline_size if fmt == "bzImage" else DEFAULT_LIMIT
-
-
-def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> tuple[str, int, int, object]:
-    """Copy the kernel into RAM. Returns (format, entry, end, parsed)."""
+def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> LoadedKernel:
+    """Copy the kernel into RAM, each part checked to fit and to leave vmm's own structures alone."""
     if is_elf(kernel):
         elf = parse_elf(kernel, name)
+        for number, segment in enumerate(elf.segments):  # every one checked before any is copied
+            what = f"segment {number} at {segment.paddr:#x}+{segment.memsz:#x}"
+            _check_place(memory, segment.paddr, segment.memsz, name, what)
         for segment in elf.segments:
-            _check_fits(memory, segment.paddr, segment.memsz, name, "kernel segment")
             memory.write(segment.paddr, segment.data)
             if segment.memsz > len(segment.data):  # .bss: RAM is zero already, but be explicit
                 memory.fill(segment.paddr + len(segment.data), segment.memsz - len(segment.data))
         if elf.pvh_entry is not None:
-            return "vmlinux (PVH)", elf.pvh_entry, elf.highest, elf
-        return "vmlinux", elf.entry, elf.highest, elf
+            return LoadedKernel(KernelFormat.VMLINUX_PVH, elf.pvh_entry, elf.highest, elf)
+        return LoadedKernel(KernelFormat.VMLINUX, elf.entry, elf.highest, elf)
     # The bzImage and zero-page modules use construct (~25 ms to import): only
     # when a bzImage or a plain ELF is booted, not on the default PVH path.
     from vmm.loader.bzimage import is_bzimage, parse_bzimage
@@ -62,13 +101,22 @@ def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> tuple[str, int
         # A non-relocatable kernel must run where it was linked: pref_address.
         load = image.pref_address if image.pref_address >= layout.HIGH_MEMORY else layout.KERNEL_LOAD
         footprint = max(image.init_size, len(image.kernel))
-        _check_fits(memory, load, footprint, name, "kernel (with its init_size)")
+        _check_place(memory, load, footprint, name, f"kernel at {load:#x} (with its init_size)")
         memory.write(load, image.kernel)
-        return "bzImage", load + BZIMAGE_64BIT_ENTRY_OFFSET, load + footprint, image
+        return LoadedKernel(KernelFormat.BZIMAGE, load + BZIMAGE_64BIT_ENTRY_OFFSET, load + footprint,
+                            image)
     raise LoaderError(f"{name}: not a kernel: neither a bzImage (no 'HdrS' header) nor an ELF")
 
 
-def _check_fits(memory: GuestMemory, address: int, size: int, name: str, what: str) -> None:
+def _check_place(memory: GuestMemory, address: int, size: int, name: str, what: str) -> None:
+    """Refuse a part of the kernel that would not fit in RAM or would land on vmm's own structures."""
+    for structure, start, length in layout.BOOT_STRUCTURES:
+        if address < start + length and start < address + size:
+            raise LoaderError(f"{name}: {what} overlaps the {structure} vmm writes at "
+                              f"{start:#x}+{length:#x}")
+    if address < layout.HIGH_MEMORY:
+        raise LoaderError(f"{name}: {what} is below 1 MiB, where vmm puts its boot structures "
+                          "and a PC its BIOS: a Linux kernel loads at 1 MiB or above")
     if not memory.is_valid(address, size):
         raise LoaderError(
             f"{name}: the {what} needs guest RAM {address:#x}-{address + size:#x}, "
@@ -90,13 +138,13 @@ def place_initrd(memory: GuestMemory, initrd: bytes, kernel_end: int, max_addres
     return address, len(initrd)
 
 
-def write_boot_info(memory: GuestMemory, fmt: str, parsed, cmdline: Cmdline, mem_size: int,
+def write_boot_info(memory: GuestMemory, kernel: LoadedKernel, cmdline: Cmdline, mem_size: int,
                     initrd: tuple[int, int] | None) -> int:
     """Command line, memory map and zero page or start info. Returns its address."""
     encoded = cmdline.encode()
     memory.write(layout.CMDLINE, encoded)
     e820 = e820_map(mem_size)
-    if fmt == "vmlinux (PVH)":
+    if kernel.protocol is EntryProtocol.PVH:
         modules = [initrd] if initrd else []
         modlist = layout.PVH_MEMMAP + 24 * len(e820)
         memory.write(layout.PVH_MEMMAP, pvh.build_memmap(e820))
@@ -110,7 +158,7 @@ def write_boot_info(memory: GuestMemory, fmt: str, parsed, cmdline: Cmdline, mem
         return layout.PVH_START_INFO
     from vmm.loader import bootparams
 
-    header = parsed.header_bytes if fmt == "bzImage" else None
+    header = kernel.parsed.header_bytes if kernel.format is KernelFormat.BZIMAGE else None
     memory.write(layout.ZERO_PAGE, bootparams.build_zero_page(
         header, cmdline_address=layout.CMDLINE, cmdline_size=cmdline.limit, e820=e820,
         initrd=initrd,

@@ -16,8 +16,9 @@ GiB = 1024 * MiB
 ZERO_PAGE = 0x7000  # struct boot_params (Linux boot protocol "zero page")
 CMDLINE = 0x20000  # kernel command line, NUL terminated
 CMDLINE_MAX = 0x10000  # room we reserve for it (the kernel states its own limit)
-BOOT_GDT = 0x500  # GDT used for the first instruction
-BOOT_IDT = 0x520  # an empty IDT: any exception before Linux sets its own is fatal
+BOOT_GDT = 0x500  # GDT used for the first instruction (5 entries: 0x500-0x527)
+BOOT_GDT_SIZE = 0x28
+BOOT_IDT = 0x540  # an empty IDT: any exception before Linux sets its own is fatal
 PML4 = 0x9000  # identity-mapped page tables, 2 MiB pages
 PDPTE = 0xA000
 PDE = 0xB000  # 4 pages of page directories: identity map of the first 4 GiB
@@ -29,6 +30,21 @@ MPTABLE = 0x9FC00  # MP floating pointer + table, in the EBDA where Linux scans
 EBDA_START = 0x9FC00
 BIOS_START = 0xA0000  # 640 KiB: VGA + BIOS area, reserved in e820
 HIGH_MEMORY = 0x100000  # 1 MiB: where protected-mode kernels are loaded
+
+# What vmm itself writes below 1 MiB for a Linux guest: (name, start, size).
+# A kernel segment may not land on any of it (the loader refuses one below
+# 1 MiB), and none overlaps another (tests/test_loader.py).
+BOOT_STRUCTURES = (
+    ("boot GDT", BOOT_GDT, BOOT_GDT_SIZE),
+    ("boot IDT", BOOT_IDT, 8),
+    ("PVH start info", PVH_START_INFO, PVH_MEMMAP - PVH_START_INFO),
+    ("PVH memory map and module list", PVH_MEMMAP, ZERO_PAGE - PVH_MEMMAP),
+    ("zero page", ZERO_PAGE, 0x1000),
+    ("boot stack", 0x8000, BOOT_STACK + 0x10 - 0x8000),
+    ("page tables", PML4, PDE + PDE_PAGES * 0x1000 - PML4),
+    ("kernel command line", CMDLINE, CMDLINE_MAX),
+    ("MP table", MPTABLE, BIOS_START - MPTABLE),
+)
 KERNEL_LOAD = 0x1000000  # 16 MiB: default bzImage/vmlinux load address
 
 # The 32-bit MMIO gap below 4 GiB: RAM that would overlap it moves above 4 GiB.
