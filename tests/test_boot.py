@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.guest import BOOT_TIMEOUT, guest_kernel, vmm_run
-from vmm.kvm.flavour import detect_flavour
+from vmm.kvm.flavour import Flavour, detect_flavour
 from vmm.runner import EXIT_GUEST_PANIC, EXIT_TIMEOUT
 
 pytestmark = [pytest.mark.boot, pytest.mark.kvm]
@@ -82,7 +82,7 @@ def test_pvm_syscall_patch_is_what_makes_userspace_work() -> None:
     On hardware KVM the patch is inert and the option changes nothing.
     """
     result = vmm_run("--cold", "--cmdline", "pvm_syscall_fixup=0", "--", "true")
-    if detect_flavour() == "pvm":
+    if detect_flavour() is Flavour.PVM:
         assert result.returncode == EXIT_GUEST_PANIC, result.stderr.decode()
         assert "Attempted to kill init" in result.stderr.decode()
     else:

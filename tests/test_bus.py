@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmm.devices.bus import Bus, BusOverlapError, PortRule
+from vmm.devices.bus import Bus, BusOverlapError, PortRule, ReadAction, WriteAction
 from vmm.errors import VmmError
 
 
@@ -118,11 +118,11 @@ class FastDevice(Recorder):
 
 
 def test_port_rules_are_made_absolute(bus):
-    rule = PortRule(0, on_write="discard", on_read="constant", read_value=7)
+    rule = PortRule(0, on_write=WriteAction.DISCARD, on_read=ReadAction.CONSTANT, read_value=7)
     bus.register(0x80, 1, FastDevice([rule]), "post")
-    bus.register(0x3F8, 8, FastDevice([PortRule(0, on_write="buffer")]), "serial")
+    bus.register(0x3F8, 8, FastDevice([PortRule(0, on_write=WriteAction.BUFFER)]), "serial")
     bus.register(0x501, 1, Recorder(), "plain")
-    assert [(port, r.on_write) for port, r in bus.port_rules()] == [(0x80, "discard"), (0x3F8, "buffer")]
+    assert [(port, r.on_write) for port, r in bus.port_rules()] == [(0x80, WriteAction.DISCARD), (0x3F8, WriteAction.BUFFER)]
 
 
 def test_fast_path_generation_sums_the_devices(bus):

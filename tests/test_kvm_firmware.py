@@ -15,7 +15,7 @@ import pytest
 
 from vmm.arch.x86_64.layout import BENCH_PORT, COM1_PORT, EXIT_PORT, MiB
 from vmm.config import VmConfig
-from vmm.runner import EXIT_TIMEOUT
+from vmm.runner import EXIT_TIMEOUT, StopReason
 from vmm.session import run_firmware
 
 pytestmark = pytest.mark.kvm
@@ -50,7 +50,7 @@ def test_payload_output_status_and_exits(name, runloop):
     result, out, err = run(name, runloop)
     assert out == output
     assert result.status == status
-    assert result.outcome.reason == "guest exit"
+    assert result.outcome.reason is StopReason.GUEST_EXIT
     assert err == ""
     stats = result.stats
     assert stats.total == total
@@ -191,7 +191,7 @@ def test_pause_stops_every_vcpu_after_its_last_exit_and_resumes_exactly(runloop)
     box = []
     machine = build_firmware_vm(VmConfig(mem=2 * MiB, firmware="exitbench", runloop=runloop),
                                 io.BytesIO().write,
-                                lambda status: box[0].stop(status, "guest exit"), bench_count=count)
+                                lambda status: box[0].stop(status, StopReason.GUEST_EXIT), bench_count=count)
     try:
         runner = Runner(machine.vcpus, machine.pio, machine.mmio, runloop=runloop)
         box.append(runner)
@@ -207,7 +207,7 @@ def test_pause_stops_every_vcpu_after_its_last_exit_and_resumes_exactly(runloop)
         outcome = runner.run(timeout=60)
     finally:
         machine.close()
-    assert outcome.status == 0 and outcome.reason == "guest exit"
+    assert outcome.status == 0 and outcome.reason is StopReason.GUEST_EXIT
     (in_main, rip, outcome_then), rip_after = seen
     assert in_main and rip == rip_after
     assert outcome_then is None  # paused mid-run, not after the guest's exit

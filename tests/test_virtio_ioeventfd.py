@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from vmm.config import DiskConfig, VmConfig
+from vmm.config import DiskConfig, NotifyPath, VmConfig
 from vmm.devices.bus import Bus
 from vmm.devices.virtio import mmio
 from vmm.devices.virtio.attach import attach_block_devices, device_counters
@@ -180,7 +180,7 @@ def attached(tmp_path):
     lines = []
     fragments = attach_block_devices(machine, (DiskConfig(str(path)),),
                                      lambda irq: lines.append(irq) or FakeInterrupt(),
-                                     notify="ioeventfd")
+                                     notify=(NotifyPath.IOEVENTFD,))
     yield path, vm, machine, fragments, lines
     machine.close()
 
@@ -256,15 +256,16 @@ def test_no_ioeventfd_in_this_kvm_falls_back_to_exits(tmp_path):
     machine = FakeMachine(FakeVm(capable=False))
     warnings = []
     attach_block_devices(machine, (DiskConfig(str(path)),), lambda irq: FakeInterrupt(),
-                         warnings.append, notify="ioeventfd")
+                         warnings.append, notify=(NotifyPath.IOEVENTFD,))
     assert machine.mmio.mappings()[0].device.notify_path == "exit"
     assert machine.vm.ioeventfds == [] and "fall back" in warnings[0]
     machine.close()
 
 
 def test_config_refuses_an_unknown_notify_path():
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError, match="--virtio-notify 'doorbell': 'exit' or 'ioeventfd'"):
         VmConfig(virtio_notify="doorbell")
+    assert VmConfig(virtio_notify="exit,ioeventfd").notify_paths == (NotifyPath.EXIT, NotifyPath.IOEVENTFD)
 
 
 def test_one_notification_path_per_disk(tmp_path):
@@ -274,7 +275,8 @@ def test_one_notification_path_per_disk(tmp_path):
         path.write_bytes(bytes(DISK_SIZE))
         disks.append(DiskConfig(str(path)))
     machine = FakeMachine(FakeVm())
-    attach_block_devices(machine, tuple(disks), lambda irq: FakeInterrupt(), notify="exit,ioeventfd")
+    attach_block_devices(machine, tuple(disks), lambda irq: FakeInterrupt(),
+                         notify=(NotifyPath.EXIT, NotifyPath.IOEVENTFD))
     assert [m.device.notify_path for m in machine.mmio.mappings()] == ["exit", "ioeventfd", "ioeventfd"]
     assert sorted(machine.vm.irqfds) == [6, 7]
     machine.close()

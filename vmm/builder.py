@@ -21,7 +21,7 @@ from vmm.config import VmConfig
 from vmm.devices.legacy import DebugExit, Sink
 from vmm.devices.serial import Serial16550
 from vmm.errors import LoaderError, UsageError, unreadable
-from vmm.kvm.flavour import detect_flavour
+from vmm.kvm.flavour import Flavour, detect_flavour
 from vmm.kvm.system import Kvm
 from vmm.machine import Machine
 from vmm.memory import GuestMemory
@@ -304,7 +304,7 @@ def add_linux_devices(machine: Machine, config: VmConfig, output, events: GuestE
 
         cmdline += attach_block_devices(
             machine, config.disks, lambda irq: IrqLine(vm.irq_line, irq),
-            notify=config.virtio_notify,
+            notify=config.notify_paths,
             trace=_stderr_line if config.trace else None)
         from vmm.devices.virtio.mmio import VirtioMmioTransport
 
@@ -326,7 +326,7 @@ def linux_cmdline(config: VmConfig, machine: Machine, devices: LinuxDevices, lim
     if not config.console_log:
         cmdline.add(*QUIET_CMDLINE)
     cmdline.add(*devices.cmdline)
-    if machine.flavour == "pvm":
+    if machine.flavour is Flavour.PVM:
         cmdline.add(*pvm.cmdline_options())
     cmdline.add(config.cmdline)
     if mailbox:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from vmm.devices.bus import Bus
+from vmm.kvm.flavour import Flavour
 from vmm.kvm.system import Kvm
 from vmm.kvm.vcpu import Vcpu
 from vmm.kvm.vm import Vm
@@ -20,7 +21,7 @@ class Machine:
     vcpus: list[Vcpu] = field(default_factory=list)
     pio: Bus = field(default_factory=lambda: Bus("pio"))
     mmio: Bus = field(default_factory=lambda: Bus("mmio"))
-    flavour: str = "unknown"
+    flavour: Flavour = Flavour.UNKNOWN
     phases: dict[str, int] = field(default_factory=dict)  # name → monotonic ns
     closers: list[Callable[[], None]] = field(default_factory=list)
 

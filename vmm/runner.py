@@ -29,9 +29,10 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Callable, Protocol, TextIO
 
-from vmm.devices.bus import Bus
+from vmm.devices.bus import Bus, ReadAction, WriteAction
 from vmm.errors import KvmError, VmmError
 from vmm.kvm import exits as kvm_exits
 from vmm.kvm.exits import (
@@ -56,10 +57,31 @@ EXIT_VMM_ERROR = 125  # vmm itself failed (bad input, KVM error)
 KICK_SIGNAL = signal.SIGUSR1
 
 
+class StopReason(StrEnum):
+    """Why a VM ended (what `vmm: guest stopped: ...` says). A str: prints and compares as its value."""
+
+    GUEST_EXIT = "guest exit"  # the guest wrote its status to the exit port
+    GUEST_PANIC = "guest kernel panic"
+    GUEST_RESET = "guest reset"  # rebooted without a status
+    HALTED = "halted"  # HLT with nothing to wake it (no irqchip)
+    TRIPLE_FAULT = "triple fault"
+    SYSTEM_EVENT = "system event"
+    EMULATION_FAILURE = "emulation failure"
+    ENTRY_FAILED = "entry failed"
+    UNHANDLED_EXIT = "unhandled exit"
+    ALL_STOPPED = "all vCPUs stopped"
+    TIMEOUT = "timeout"
+    VMM_ERROR = "vmm error"
+    CONSOLE_ESCAPE = "console escape"  # Ctrl-A x
+    SNAPSHOT_SAVED = "snapshot saved"  # vmm snapshot create: done at the ready point
+    SIGINT = "SIGINT"
+    SIGTERM = "SIGTERM"
+
+
 @dataclass(frozen=True)
 class Outcome:
     status: int  # what `vmm run` exits with
-    reason: str  # "guest exit", "timeout", "triple fault", ...
+    reason: StopReason
     detail: str = ""
 
 
@@ -107,7 +129,7 @@ class Runner:
         self._trace_count = 0
 
     # --- stopping -------------------------------------------------------------------
-    def stop(self, status: int, reason: str, detail: str = "") -> None:
+    def stop(self, status: int, reason: StopReason, detail: str = "") -> None:
         """End the VM with this outcome; the first caller wins."""
         with self._stop_lock:
             if self.outcome is None:
@@ -181,7 +203,7 @@ class Runner:
                 action()
         except BaseException as e:
             self._errors.append(e)
-            self.stop(EXIT_VMM_ERROR, "vmm error", str(e))
+            self.stop(EXIT_VMM_ERROR, StopReason.VMM_ERROR, str(e))
         finally:
             self._cond.acquire()
             self._resume_generation += 1
@@ -204,7 +226,7 @@ class Runner:
             with self._cond:
                 while alive := sum(t.is_alive() for t in self._threads):
                     if deadline is not None and time.monotonic() >= deadline:
-                        self.stop(EXIT_TIMEOUT, "timeout", f"the guest ran longer than {timeout:g} s")
+                        self.stop(EXIT_TIMEOUT, StopReason.TIMEOUT, f"the guest ran longer than {timeout:g} s")
                         deadline = None
                     self._serve_pause(alive)
                     self._cond.wait(0.05)
@@ -212,7 +234,7 @@ class Runner:
             self.stats.wall_ns = time.monotonic_ns() - (self.first_run_ns or start)
         if self._errors:
             raise self._errors[0]
-        return self.outcome or Outcome(EXIT_NO_STATUS, "all vCPUs stopped")
+        return self.outcome or Outcome(EXIT_NO_STATUS, StopReason.ALL_STOPPED)
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         try:
@@ -222,7 +244,7 @@ class Runner:
                 self._run_python(vcpu)
         except BaseException as e:  # reported by run(); the VM must stop either way
             self._errors.append(e)
-            self.stop(EXIT_VMM_ERROR, "vmm error", str(e))
+            self.stop(EXIT_VMM_ERROR, StopReason.VMM_ERROR, str(e))
         finally:
             with self._cond:
                 self._cond.notify_all()  # the main thread counts live vCPUs again
@@ -301,9 +323,9 @@ class Runner:
     def _load_rules(self, loop) -> dict[int, Callable[[bytes], None]]:
         """Copy the devices' current port rules into the C table."""
         self._merge_rule_hits(loop)
-        actions_w = {"pass": lib.VMM_WRITE_PASS, "discard": lib.VMM_WRITE_DISCARD,
-                     "buffer": lib.VMM_WRITE_BUFFER}
-        actions_r = {"pass": lib.VMM_READ_PASS, "constant": lib.VMM_READ_CONSTANT}
+        actions_w = {WriteAction.PASS: lib.VMM_WRITE_PASS, WriteAction.DISCARD: lib.VMM_WRITE_DISCARD,
+                     WriteAction.BUFFER: lib.VMM_WRITE_BUFFER}
+        actions_r = {ReadAction.PASS: lib.VMM_READ_PASS, ReadAction.CONSTANT: lib.VMM_READ_CONSTANT}
         rules = self.pio.port_rules()[: lib.VMM_MAX_PORT_RULES]
         sinks = {}
         for slot, (port, rule) in zip(loop.rules, rules):
@@ -312,7 +334,7 @@ class Runner:
             slot.on_read = actions_r[rule.on_read]
             slot.read_value = rule.read_value & 0xFFFFFFFF
             slot.hits = 0
-            if rule.on_write == "buffer":
+            if rule.on_write is WriteAction.BUFFER:
                 sinks[port] = rule.sink
         loop.nrules = len(rules)
         return sinks
@@ -364,27 +386,27 @@ class Runner:
             return self.stopping
         self.stats.count(exit.reason)
         if isinstance(exit, HltExit):
-            self.stop(EXIT_NO_STATUS, "halted", "the guest executed HLT with nothing to wake it")
+            self.stop(EXIT_NO_STATUS, StopReason.HALTED, "the guest executed HLT with nothing to wake it")
             return True
         if isinstance(exit, ShutdownExit):
-            self.stop(EXIT_TRIPLE_FAULT, "triple fault",
+            self.stop(EXIT_TRIPLE_FAULT, StopReason.TRIPLE_FAULT,
                       f"KVM_EXIT_SHUTDOWN at rip {vcpu.get_regs().rip:#x}")
             return True
         if isinstance(exit, SystemEventExit):
-            self.stop(EXIT_NO_STATUS, "system event", f"type {exit.type}")
+            self.stop(EXIT_NO_STATUS, StopReason.SYSTEM_EVENT, f"type {exit.type}")
             return True
         if isinstance(exit, InternalErrorExit):
             if self.quirks is not None and self.quirks.handle_internal_error(vcpu, exit):
                 return False
             detail = (self.quirks.describe_failure(vcpu, exit) if self.quirks
                       else describe_internal_error(vcpu, exit))
-            self.stop(EXIT_EMULATION_FAILURE, "emulation failure", detail)
+            self.stop(EXIT_EMULATION_FAILURE, StopReason.EMULATION_FAILURE, detail)
             return True
         if isinstance(exit, FailEntryExit):
-            self.stop(EXIT_VMM_ERROR, "entry failed",
+            self.stop(EXIT_VMM_ERROR, StopReason.ENTRY_FAILED,
                       f"hardware entry failure reason {exit.hardware_entry_failure_reason:#x}")
             return True
-        self.stop(EXIT_VMM_ERROR, "unhandled exit", f"{exit.reason} at rip {vcpu.get_regs().rip:#x}")
+        self.stop(EXIT_VMM_ERROR, StopReason.UNHANDLED_EXIT, f"{exit.reason} at rip {vcpu.get_regs().rip:#x}")
         return True
 
     def _handle_io(self, vcpu: Vcpu, exit: IoExit) -> None:
@@ -424,10 +446,10 @@ def install_stop_signals(runner: Runner) -> None:
     """Ctrl-C and SIGTERM stop the guest promptly, with the shell's usual statuses."""
 
     def handler(signum: int, _frame: object) -> None:
-        runner.stop(128 + signum, signal.Signals(signum).name)
+        runner.stop(128 + signum, StopReason(signal.Signals(signum).name))
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
-__all__ = ["Runner", "Outcome", "install_stop_signals"]
+__all__ = ["Runner", "Outcome", "StopReason", "install_stop_signals"]

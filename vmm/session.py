@@ -13,7 +13,7 @@ from typing import BinaryIO, TextIO
 
 from vmm.config import VmConfig
 from vmm.console import ConsoleOutput
-from vmm.runner import EXIT_VMM_ERROR, Outcome, Runner, install_stop_signals
+from vmm.runner import EXIT_VMM_ERROR, Outcome, Runner, StopReason, install_stop_signals
 from vmm.stats import ExitStats
 
 
@@ -46,7 +46,7 @@ def run_firmware(
     runner_box: list[Runner] = []
 
     def on_exit(status: int) -> None:
-        runner_box[0].stop(status, "guest exit", f"status {status} written to the exit port")
+        runner_box[0].stop(status, StopReason.GUEST_EXIT, f"status {status} written to the exit port")
 
     machine = build_firmware_vm(config, output, on_exit, bench_count=bench_count)
     try:
@@ -118,9 +118,6 @@ class FromSnapshot:
     snapshot: object  # vmm.snapshot.state.Snapshot, already loaded and checked
 
 
-SNAPSHOT_SAVED = "snapshot saved"
-
-
 def _make_guest(start, config: VmConfig, output, events, progress):
     if isinstance(start, FromSnapshot):
         from vmm.snapshot.restore import restore_linux_vm
@@ -169,13 +166,14 @@ def run_linux(
     runner_box: list[Runner] = []
 
     def on_exit(status: int) -> None:
-        runner_box[0].stop(status, "guest exit", f"status {status} written to the exit port")
+        runner_box[0].stop(status, StopReason.GUEST_EXIT, f"status {status} written to the exit port")
 
     def on_reset() -> None:
         if panic.panicked:
-            runner_box[0].stop(EXIT_GUEST_PANIC, "guest kernel panic", panic.message)
+            runner_box[0].stop(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, panic.message)
         else:
-            runner_box[0].stop(EXIT_NO_STATUS, "guest reset", "the guest rebooted without reporting a status")
+            runner_box[0].stop(EXIT_NO_STATUS, StopReason.GUEST_RESET,
+                               "the guest rebooted without reporting a status")
 
     def progress(line: str) -> None:
         print(f"vmm: {line}", file=stderr, flush=True)
@@ -190,7 +188,7 @@ def run_linux(
             extents = mailbox.buffer_extents(translator(guest.machine.memory, vcpu.get_sregs().cr3),
                                              address, length)
         except ValueError as e:
-            runner.stop(EXIT_VMM_ERROR, "vmm error", f"guest mailbox: {e}")
+            runner.stop(EXIT_VMM_ERROR, StopReason.VMM_ERROR, f"guest mailbox: {e}")
             return
         runner.pause(lambda: at_ready(runner, extents))
 
@@ -209,7 +207,7 @@ def run_linux(
             else:
                 guest.machine.phases["snapshot_saved"] = time.monotonic_ns()
                 if not start.then_run:
-                    runner.stop(0, SNAPSHOT_SAVED, saved.summary())
+                    runner.stop(0, StopReason.SNAPSHOT_SAVED, saved.summary())
                     return
         mailbox.deliver(guest.machine.memory, extents, _request(config))
 
@@ -222,7 +220,9 @@ def run_linux(
         if on_built is not None:
             on_built(machine)
         quirks = None
-        if machine.flavour == "pvm":
+        from vmm.kvm.flavour import Flavour
+
+        if machine.flavour is Flavour.PVM:
             from vmm.arch.x86_64.pvm import PvmQuirks
 
             quirks = PvmQuirks(guest.system_map)
@@ -243,8 +243,8 @@ def run_linux(
         finally:
             if profiler is not None:
                 profiler.stop()
-        if outcome.reason in ("triple fault", "guest reset") and panic.panicked:
-            outcome = Outcome(EXIT_GUEST_PANIC, "guest kernel panic", panic.message)
+        if outcome.reason in (StopReason.TRIPLE_FAULT, StopReason.GUEST_RESET) and panic.panicked:
+            outcome = Outcome(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, panic.message)
         machine.phases["first_kvm_run"] = runner.first_run_ns or 0
         machine.phases["first_output"] = output.first_byte_ns or 0
         for mark, name in ((1, "init_reached"), (2, "command_done")):
@@ -351,13 +351,14 @@ def _run_with_console(runner: Runner, guest, config: VmConfig, stdin) -> Outcome
     except (AttributeError, ValueError, OSError):
         return runner.run(timeout=config.timeout)
     with InteractiveConsole(guest.serial.enqueue_input,
-                            lambda: runner.stop(0, "console escape", "Ctrl-A x"), fd=fd):
+                            lambda: runner.stop(0, StopReason.CONSOLE_ESCAPE, "Ctrl-A x"), fd=fd):
         return runner.run(timeout=config.timeout)
 
 
 def report(outcome: Outcome, runner: Runner, machine, config: VmConfig, stderr: TextIO) -> None:
     """Say why the VM ended when it is not the guest's own doing, and --stats."""
-    if outcome.reason not in ("guest exit", "console escape", SNAPSHOT_SAVED):
+    if outcome.reason not in (StopReason.GUEST_EXIT, StopReason.CONSOLE_ESCAPE,
+                              StopReason.SNAPSHOT_SAVED):
         message = f"vmm: guest stopped: {outcome.reason}"
         if outcome.detail:
             message += f": {outcome.detail}"

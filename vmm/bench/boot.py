@@ -226,10 +226,10 @@ def guest_cmdline() -> str:
     """The kernel command line vmm gives its default guest running `echo LINE`."""
     from vmm.arch.x86_64 import pvm
     from vmm.builder import BASE_CMDLINE, DEFAULT_INITRAMFS_CMDLINE, QUIET_CMDLINE, encode_argv
-    from vmm.kvm.flavour import detect_flavour
+    from vmm.kvm.flavour import Flavour, detect_flavour
 
     options = list(BASE_CMDLINE + DEFAULT_INITRAMFS_CMDLINE + QUIET_CMDLINE)
-    if detect_flavour() == "pvm":
+    if detect_flavour() is Flavour.PVM:
         options += list(pvm.cmdline_options())
     options.append(encode_argv(("echo", LINE)))
     return " ".join(options)
@@ -280,9 +280,9 @@ class QemuKvmContender(QemuContender):
     accel = ["-enable-kvm"]
 
     def hint(self) -> str:
-        from vmm.kvm.flavour import detect_flavour
+        from vmm.kvm.flavour import Flavour, detect_flavour
 
-        if detect_flavour() == "pvm":
+        if detect_flavour() is Flavour.PVM:
             return ("expected on KVM PVM: the guest kernel meets an instruction KVM's emulator cannot run "
                     "(xrstor, int3, ...) and QEMU re-enters KVM_RUN forever; vmm works around it")
         return ""

@@ -27,7 +27,7 @@ CAPABILITIES = [
 def check() -> None:
     """Report /dev/kvm, its API version, flavour and capabilities. Exit 0 if a VM can run."""
     from vmm.errors import VmmError
-    from vmm.kvm.flavour import DESCRIPTIONS, detect_flavour
+    from vmm.kvm.flavour import DESCRIPTIONS, Flavour, detect_flavour
     from vmm.kvm.ioctl import lib
     from vmm.kvm.system import Kvm
 
@@ -54,7 +54,7 @@ def check() -> None:
         except VmmError as e:
             click.echo(f"create VM: FAILED: {e}")
             missing.append("KVM_CREATE_VM")
-    if flavour == "pvm":
+    if flavour is Flavour.PVM:
         click.echo("note: PVM runs guest kernel code in KVM's instruction emulator: Linux boots take "
                    "tens of seconds; vmm applies its PVM workarounds (vmm/arch/x86_64/pvm.py)")
     if missing:

@@ -28,7 +28,8 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_no
     from pathlib import Path
 
     from vmm.errors import SnapshotError
-    from vmm.session import SNAPSHOT_SAVED, SaveAtReady, run_linux
+    from vmm.runner import StopReason
+    from vmm.session import SaveAtReady, run_linux
 
     target = Path(directory)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -38,7 +39,7 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_no
                           trace=trace, stats=stats, timeout=timeout, console_log=console_log)
     start = time.monotonic()
     result = run_linux(config, start=SaveAtReady(target))
-    if result.outcome.reason != SNAPSHOT_SAVED:
+    if result.outcome.reason is not StopReason.SNAPSHOT_SAVED:
         raise SnapshotError(
             f"the guest stopped before /init's ready point ({result.outcome.reason}"
             + (f": {result.outcome.detail}" if result.outcome.detail else "")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from vmm.errors import VmmError
@@ -29,21 +30,34 @@ class BusOverlapError(VmmError):
     pass
 
 
+class WriteAction(StrEnum):
+    """What the C run loop does with a write to a port (enum vmm_write_action in runloop.h)."""
+
+    PASS = "pass"  # return to Python
+    DISCARD = "discard"  # complete the exit, drop the data
+    BUFFER = "buffer"  # append the bytes to the output buffer, for the rule's sink
+
+
+class ReadAction(StrEnum):
+    """What the C run loop does with a read from a port (enum vmm_read_action)."""
+
+    PASS = "pass"  # return to Python
+    CONSTANT = "constant"  # answer the rule's read_value
+
+
 @dataclass(frozen=True)
 class PortRule:
     """A device's offer to the C run loop: complete these accesses without Python.
 
-    ``on_write``: "pass", "discard" or "buffer" (bytes go to ``sink``);
-    ``on_read``: "pass" or "constant" (answer ``read_value``). A rule must
-    mean exactly what the device's Python ``read``/``write`` would do, so that
-    both run loops behave the same.
+    A rule must mean exactly what the device's Python ``read``/``write`` would
+    do, so that both run loops behave the same.
     """
 
     offset: int
-    on_write: str = "pass"
-    on_read: str = "pass"
+    on_write: WriteAction = WriteAction.PASS
+    on_read: ReadAction = ReadAction.PASS
     read_value: int = 0
-    sink: object = None  # callable(bytes) for "buffer"
+    sink: object = None  # callable(bytes) for WriteAction.BUFFER
 
 
 @dataclass(frozen=True)

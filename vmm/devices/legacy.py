@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from vmm.devices.bus import PortRule
+from vmm.devices.bus import PortRule, ReadAction, WriteAction
 
 
 class DebugExit:
@@ -47,7 +47,8 @@ class Sink:
         self.writes += 1
 
     def fast_path_rules(self) -> list[PortRule]:
-        return [PortRule(0, on_write="discard", on_read="constant", read_value=self.read_value)]
+        return [PortRule(0, on_write=WriteAction.DISCARD, on_read=ReadAction.CONSTANT,
+                         read_value=self.read_value)]
 
 
 class BootTimer:

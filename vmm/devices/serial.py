@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
-from vmm.devices.bus import PortRule
+from vmm.devices.bus import PortRule, WriteAction
 from vmm.devices.irq import InterruptLine, NoInterrupt
 
 # Register offsets (DLAB is bit 7 of LCR).
@@ -302,7 +302,7 @@ class Serial16550:
         with self._lock:
             if self.lcr & LCR_DLAB or self.mcr & MCR_LOOP or self.ier & IER_THRE:
                 return []
-            return [PortRule(RBR_THR_DLL, on_write="buffer", sink=self._fast_output)]
+            return [PortRule(RBR_THR_DLL, on_write=WriteAction.BUFFER, sink=self._fast_output)]
 
     def _fast_output(self, data: bytes) -> None:
         with self._lock:

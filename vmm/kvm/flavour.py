@@ -9,19 +9,30 @@ which workarounds vmm applies (see vmm/arch/x86_64/pvm.py) and is printed by
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
 
 SYS_MODULE = Path("/sys/module")
 
+
+class Flavour(StrEnum):
+    """Which KVM this is. A str: it prints, compares and goes into JSON as its value."""
+
+    PVM = "pvm"
+    INTEL = "intel"
+    AMD = "amd"
+    UNKNOWN = "unknown"
+
+
 FLAVOURS = {
-    "kvm_pvm": "pvm",
-    "kvm_intel": "intel",
-    "kvm_amd": "amd",
+    "kvm_pvm": Flavour.PVM,
+    "kvm_intel": Flavour.INTEL,
+    "kvm_amd": Flavour.AMD,
 }
 
 
-def detect_flavour(sys_module: Path = SYS_MODULE) -> str:
-    """'pvm', 'intel', 'amd' or 'unknown', from the loaded KVM vendor module.
+def detect_flavour(sys_module: Path = SYS_MODULE) -> Flavour:
+    """PVM, INTEL, AMD or UNKNOWN, from the loaded KVM vendor module.
 
     PVM wins when several are loaded: a host can load kvm_intel for nothing
     (no VT-x exposed) and kvm_pvm for real; PVM's behaviour is what we must
@@ -30,7 +41,7 @@ def detect_flavour(sys_module: Path = SYS_MODULE) -> str:
     for module, name in FLAVOURS.items():
         if (sys_module / module).exists():
             return name
-    return "unknown"
+    return Flavour.UNKNOWN
 
 
 def cpu_model() -> str:
@@ -48,8 +59,8 @@ def cpu_model() -> str:
 
 
 DESCRIPTIONS = {
-    "pvm": "KVM PVM (no hardware virtualization: guest kernel code is emulated, slow boots)",
-    "intel": "KVM on Intel VT-x",
-    "amd": "KVM on AMD-V",
-    "unknown": "KVM of an unknown flavour (no kvm_intel, kvm_amd or kvm_pvm module found)",
+    Flavour.PVM: "KVM PVM (no hardware virtualization: guest kernel code is emulated, slow boots)",
+    Flavour.INTEL: "KVM on Intel VT-x",
+    Flavour.AMD: "KVM on AMD-V",
+    Flavour.UNKNOWN: "KVM of an unknown flavour (no kvm_intel, kvm_amd or kvm_pvm module found)",
 }

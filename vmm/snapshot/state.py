@@ -46,7 +46,7 @@ MEMORY_FILE = "memory"
 class HostIdentity:
     """What a snapshot's guest has seen of its host, and a restore must see again."""
 
-    flavour: str  # "pvm", "intel", "amd"
+    flavour: str  # a vmm.kvm.flavour.Flavour value: "pvm", "intel", "amd"
     cpu_model: str  # /proc/cpuinfo's model name, for messages
     cpuid_digest: str  # SHA-256 of KVM_GET_SUPPORTED_CPUID: the features the guest kernel chose from
 

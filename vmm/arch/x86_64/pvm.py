@@ -5,7 +5,7 @@ without VT-x/AMD-V. Guest kernel code runs in KVM's x86 instruction emulator,
 which cannot do everything a CPU does. Each quirk below was measured on our CI
 host (see ../shared/PLATFORM.md and docs/); none applies on hardware KVM,
 where vmm never loads this module's workarounds (builder: only when
-``detect_flavour() == "pvm"``).
+``detect_flavour() is Flavour.PVM``).
 
 1. Emulation failures the guest survives (KVM_EXIT_INTERNAL_ERROR, suberror 1,
    instruction bytes given): re-entering KVM_RUN would retry the same

@@ -22,7 +22,7 @@ from vmm.arch.x86_64.layout import (
     VIRTIO_MMIO_MAX_DEVICES,
     VIRTIO_MMIO_SIZE,
 )
-from vmm.config import DiskConfig
+from vmm.config import DiskConfig, NotifyPath
 from vmm.devices.disk import RawDiskImage
 from vmm.devices.virtio.block import VirtioBlock
 from vmm.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
@@ -39,20 +39,17 @@ def attach_block_devices(
     irq_line_factory: Callable[[int], object],
     warn: Callable[[str], None] = _warn,
     *,
-    notify: str = "exit",
+    notify: tuple[NotifyPath, ...] = (NotifyPath.EXIT,),
     trace: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Open, create and register every disk; return the kernel command-line fragments.
 
-    ``notify``: "exit" or "ioeventfd" for every disk, or a comma-separated list
-    with one per disk in order (the last one holds for the rest).
+    ``notify``: one path per disk in order (the last one holds for the rest).
     """
-    paths = notify.split(",")
-    if any(path not in NOTIFY_PATHS for path in paths):
-        raise DeviceError(f"virtio notification path {notify!r}: one of {', '.join(NOTIFY_PATHS)}")
-    if "ioeventfd" in paths and not ioeventfd_supported(machine.vm):
+    paths = list(notify) or [NotifyPath.EXIT]
+    if NotifyPath.IOEVENTFD in paths and not ioeventfd_supported(machine.vm):
         warn("this KVM has no ioeventfd/irqfd: virtio notifications fall back to MMIO exits")
-        paths = ["exit"]
+        paths = [NotifyPath.EXIT]
     if len(disks) > VIRTIO_MMIO_MAX_DEVICES:
         raise DeviceError(f"{len(disks)} disks: at most {VIRTIO_MMIO_MAX_DEVICES}")
     fragments = []
@@ -65,8 +62,8 @@ def attach_block_devices(
         for message in device.warnings:
             warn(message)
         name = f"virtio-blk{i}"
-        notify = paths[min(i, len(paths) - 1)]
-        if notify == "ioeventfd":
+        path = paths[min(i, len(paths) - 1)]
+        if path is NotifyPath.IOEVENTFD:
             from vmm.devices.virtio.iothread import IrqfdLine
 
             line = IrqfdLine(machine.vm.irqfd, irq)
@@ -75,14 +72,11 @@ def attach_block_devices(
             line = irq_line_factory(irq)
         transport = VirtioMmioTransport(device, machine.memory, line, name=name)
         transport.trace = trace
-        if notify == "ioeventfd":
+        if path is NotifyPath.IOEVENTFD:
             _attach_ioeventfds(machine, transport, base, trace)
         machine.mmio.register(base, VIRTIO_MMIO_SIZE, transport, name)
         fragments.append(f"virtio_mmio.device={VIRTIO_MMIO_SIZE // 1024}K@{base:#x}:{irq}")
     return fragments
-
-
-NOTIFY_PATHS = ("exit", "ioeventfd")  # VmConfig.virtio_notify picks (default ioeventfd)
 
 
 def ioeventfd_supported(vm) -> bool:
@@ -103,7 +97,7 @@ def _attach_ioeventfds(machine, transport: VirtioMmioTransport, base: int,
         fd = thread.add_queue(queue_index)
         machine.vm.ioeventfd(fd, base + QUEUE_NOTIFY, 4, datamatch=queue_index)
     thread.start()
-    transport.notify_path = "ioeventfd"
+    transport.notify_path = NotifyPath.IOEVENTFD
     transport.io_thread = thread
 
 

@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+from vmm.config import NotifyPath
 from vmm.devices.virtio.queue import DescriptorChain, Queue, QueueError, QueueState, RingError
 from vmm.devices.virtio.service import QueueServer, TransportStats
 from vmm.memory import GuestMemory
@@ -197,7 +198,7 @@ class VirtioMmioTransport:
         self.queues = [Queue(size) for size in device.queue_max_sizes]
         self.stats = TransportStats()  # never reset (benchmarks read them)
         self.server = QueueServer(device, memory, self.stats, self._error)
-        self.notify_path = "exit"  # "exit" or "ioeventfd": how QueueNotify reaches notify()
+        self.notify_path = NotifyPath.EXIT  # how QueueNotify reaches notify()
         self.io_thread = None  # the IoEventThread serving the ioeventfds, if any
         self._reset_registers()
 
