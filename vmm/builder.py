@@ -21,6 +21,7 @@ from vmm.config import VmConfig
 from vmm.devices.legacy import DebugExit, Sink
 from vmm.devices.serial import Serial16550
 from vmm.errors import LoaderError, UsageError, unreadable
+from vmm.kvm.capabilities import FIRMWARE, LINUX, require
 from vmm.kvm.flavour import Flavour, detect_flavour
 from vmm.kvm.system import Kvm
 from vmm.machine import Machine
@@ -73,30 +74,38 @@ def build_firmware_vm(
     if config.mem < layout.MIN_MEM_FIRMWARE:
         raise UsageError("--mem: firmware needs at least 1M (it is loaded to end at 1 MiB)")
 
-    # 1. KVM and the VM.
-    kvm = Kvm()
-    vm = kvm.create_vm()
-    # Intel needs a 3-page TSS area for real mode (KVM_SET_TSS_ADDR); harmless elsewhere.
-    vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
-    # 2. Guest RAM.
-    memory = GuestMemory([(0, config.mem)])
+    # 1. KVM and the VM; whatever is created is released again if a later step fails.
+    with contextlib.ExitStack() as undo:
+        kvm = Kvm()
+        undo.callback(kvm.close)
+        require(kvm, FIRMWARE)
+        vm = kvm.create_vm()
+        undo.callback(vm.close)
+        # Intel needs a 3-page TSS area for real mode (KVM_SET_TSS_ADDR); harmless elsewhere.
+        vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
+        # 2. Guest RAM.
+        memory = GuestMemory([(0, config.mem)])
+        undo.pop_all()  # from here the Machine owns kvm, vm and memory
     machine = Machine(kvm, vm, memory, flavour=detect_flavour())
-    machine.register_memory()
-    # 3. The payload, ending at 1 MiB like a BIOS ROM.
-    memory.write(layout.FIRMWARE_END - len(image), image)
-    # 4. Devices: console, exit port, POST codes, the benchmark port.
-    machine.pio.register(layout.COM1_PORT, 8, Serial16550(output), "serial")
-    machine.pio.register(layout.EXIT_PORT, 1, DebugExit(on_exit), "debug-exit")
-    machine.pio.register(layout.POST_PORT, 1, Sink(0xFF), "post")
-    machine.pio.register(layout.BENCH_PORT, layout.BENCH_PORT_SIZE, Sink(bench_count), "bench")
-    # 5. One vCPU at the reset vector.
-    vcpu = vm.create_vcpu(0)
-    # KVM checks its own CPUID table before letting the guest set EFER.LME:
-    # without it the longmode payload's wrmsr takes a #GP (measured here).
-    vcpu.set_cpuid2(cpu.supported_cpuid(kvm, vcpu_id=0, cpus=1))
-    cpu.setup_reset_vector(vcpu)
-    machine.vcpus.append(vcpu)
-    machine.phases["kvm_ready"] = time.monotonic_ns()
+    with contextlib.ExitStack() as undo:
+        undo.callback(machine.close)
+        machine.register_memory()
+        # 3. The payload, ending at 1 MiB like a BIOS ROM.
+        memory.write(layout.FIRMWARE_END - len(image), image)
+        # 4. Devices: console, exit port, POST codes, the benchmark port.
+        machine.pio.register(layout.COM1_PORT, 8, Serial16550(output), "serial")
+        machine.pio.register(layout.EXIT_PORT, 1, DebugExit(on_exit), "debug-exit")
+        machine.pio.register(layout.POST_PORT, 1, Sink(0xFF), "post")
+        machine.pio.register(layout.BENCH_PORT, layout.BENCH_PORT_SIZE, Sink(bench_count), "bench")
+        # 5. One vCPU at the reset vector.
+        vcpu = vm.create_vcpu(0)
+        machine.vcpus.append(vcpu)
+        # KVM checks its own CPUID table before letting the guest set EFER.LME:
+        # without it the longmode payload's wrmsr takes a #GP (measured here).
+        vcpu.set_cpuid2(cpu.supported_cpuid(kvm, vcpu_id=0, cpus=1))
+        cpu.setup_reset_vector(vcpu)
+        machine.phases["kvm_ready"] = time.monotonic_ns()
+        undo.pop_all()
     return machine
 
 
@@ -254,6 +263,7 @@ def create_linux_machine(config: VmConfig, memory: GuestMemory) -> Machine:
         undo.callback(memory.close)
         kvm = Kvm()
         undo.callback(kvm.close)
+        require(kvm, LINUX)
         if config.cpus > min(kvm.max_vcpus(), mptable_max_cpus()):
             raise UsageError(f"--cpus {config.cpus}: this host's KVM and vmm allow at most "
                              f"{min(kvm.max_vcpus(), mptable_max_cpus())}")
@@ -368,7 +378,7 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
     for vcpu_id in range(config.cpus):
         vcpu = machine.vm.create_vcpu(vcpu_id)
         vcpu.set_cpuid2(cpu.supported_cpuid(machine.kvm, vcpu_id, config.cpus))
-        cpu.setup_msrs(vcpu)
+        cpu.setup_msrs(vcpu)  # raises naming an MSR KVM refused
         cpu.setup_fpu(vcpu)
         cpu.setup_lint(vcpu)
         machine.vcpus.append(vcpu)

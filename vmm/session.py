@@ -307,6 +307,8 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
         return run_linux(config, **options)
 
     directory, key = _warm_snapshot(config, progress)
+    if key is None:
+        return run_linux(config, **options)
     if directory is not None:
         try:
             snapshot = loaded(directory)
@@ -323,17 +325,24 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     return run_linux(config, start=SaveAtReady(target, then_run=True, replace=True), **options)
 
 
-def _warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str]:
-    """(the cached snapshot of this guest or None, its key)."""
+def _warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]:
+    """(the cached snapshot of this guest or None, its key; None if this KVM cannot have one)."""
     from vmm.builder import resolve_initrd, resolve_kernel
     from vmm.kvm.flavour import detect_flavour
     from vmm.kvm.system import Kvm
     from vmm.snapshot import cache
     from vmm.snapshot.state import HostIdentity
 
+    from vmm.kvm.capabilities import SNAPSHOT, missing
+
     kernel, _ = resolve_kernel(config, progress)
     initrd = resolve_initrd(config, progress)
     with Kvm() as kvm:
+        absent = missing(kvm, SNAPSHOT)
+        if absent:
+            progress(f"this KVM cannot save snapshots (it lacks {', '.join(c.name for c in absent)}): "
+                     "booting")
+            return None, None
         host = HostIdentity.of(kvm, detect_flavour())
     key = cache.cache_key(config, kernel, initrd, host)
     return cache.lookup(key), key

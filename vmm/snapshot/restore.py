@@ -100,6 +100,16 @@ def check_memory_file(snapshot: Snapshot, directory: Path) -> int:
     return fd
 
 
+def snapshot_support(kvm, name: str) -> None:
+    """This KVM can save and restore what a snapshot holds (SnapshotError naming what it lacks)."""
+    from vmm.kvm.capabilities import SNAPSHOT, missing
+
+    absent = missing(kvm, SNAPSHOT)
+    if absent:
+        raise SnapshotError(f"{name}: this host's KVM cannot restore snapshots: it lacks "
+                            + ", ".join(c.name for c in absent))
+
+
 def restore_linux_vm(directory: Path, snapshot: Snapshot, config: VmConfig, output, events):
     """Steps 2-5: a LinuxGuest ready to run from where the snapshot left it.
 
@@ -126,6 +136,7 @@ def restore_linux_vm(directory: Path, snapshot: Snapshot, config: VmConfig, outp
     with contextlib.ExitStack() as undo:
         machine = create_linux_machine(config, memory)
         undo.callback(machine.close)
+        snapshot_support(machine.kvm, name)
         check_host(snapshot, HostIdentity.of(machine.kvm, machine.flavour), name)
         devices = add_linux_devices(machine, config, output, events)
         for vcpu_state in snapshot.vcpus:

@@ -49,7 +49,10 @@ def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stor
     Paused means no vCPU in KVM_RUN and no virtio I/O thread at work
     (:func:`save_snapshot` holds the transports).
     """
+    from vmm.snapshot.restore import snapshot_support
+
     machine = guest.machine
+    snapshot_support(machine.kvm, "snapshot")
     caps = Capabilities.of(machine.vm)
     msr_indices = machine.kvm.get_msr_index_list()
     vcpus = tuple(capture_vcpu(v, v.get_cpuid2(), msr_indices, caps) for v in machine.vcpus)

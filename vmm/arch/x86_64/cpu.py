@@ -214,20 +214,21 @@ MSR_MTRR_DEF_TYPE = 0x2FF
 MTRR_ENABLE_WRITEBACK = (1 << 11) | 6
 
 
-def setup_msrs(vcpu: Vcpu) -> int:
-    """Boot MSR values (as Firecracker sets them); returns how many KVM took."""
+def setup_msrs(vcpu: Vcpu) -> None:
+    """Boot MSR values (as Firecracker sets them), every one checked to have been taken."""
     values = {
         MSR_IA32_SYSENTER_CS: 0, MSR_IA32_SYSENTER_ESP: 0, MSR_IA32_SYSENTER_EIP: 0,
         MSR_STAR: 0, MSR_CSTAR: 0, MSR_KERNEL_GS_BASE: 0, MSR_SYSCALL_MASK: 0, MSR_LSTAR: 0,
         MSR_IA32_TSC: 0, MSR_IA32_MISC_ENABLE: MISC_ENABLE_FAST_STRING,
         MSR_MTRR_DEF_TYPE: MTRR_ENABLE_WRITEBACK,
     }
-    taken = 0
-    # KVM stops at the first MSR it refuses; set them one by one so one refusal
-    # (PVM refuses some) does not lose the rest.
-    for index, value in values.items():
-        taken += vcpu.set_msrs({index: value})
-    return taken
+    # KVM_SET_MSRS returns how many it set, stopping at the first it refuses.
+    taken = vcpu.set_msrs(values)
+    if taken != len(values):
+        from vmm.errors import VmmError
+
+        raise VmmError(f"KVM_SET_MSRS set {taken} of {len(values)} boot MSRs: KVM refused MSR "
+                       f"{list(values)[taken]:#x}")
 
 
 def setup_fpu(vcpu: Vcpu) -> None:
