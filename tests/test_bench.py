@@ -297,3 +297,23 @@ def test_bench_boot_end_to_end(tmp_path):
     assert "Guest-boot-time" in result.stdout
     if png is not None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_outputs_are_checked_before_the_benchmark_runs(tmp_path, monkeypatch):
+    """An unwritable --json/--plot, or --plot without matplotlib: one line, before any run."""
+    from click.testing import CliRunner
+
+    from vmm.cli import main
+
+    ran = []
+    monkeypatch.setattr("vmm.bench.boot.run_bench", lambda *a, **k: ran.append(1))
+    for option in ("--json", "--plot"):
+        result = CliRunner().invoke(main, ["bench", "boot", "--contenders", "process", option,
+                                           str(tmp_path / "missing" / "out")])
+        assert result.exit_code == 125 and result.output.startswith(f"vmm: {option} ")
+        assert "cannot write: No such file or directory" in result.output
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    result = CliRunner().invoke(main, ["bench", "boot", "--contenders", "process", "--plot",
+                                       str(tmp_path / "out.png")])
+    assert result.exit_code == 125 and "--plot needs matplotlib" in result.output
+    assert ran == [] and not (tmp_path / "out.png").exists()

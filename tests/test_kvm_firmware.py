@@ -188,13 +188,12 @@ def test_pause_stops_every_vcpu_after_its_last_exit_and_resumes_exactly(runloop)
     from vmm.runner import Runner
 
     count = 200_000
-    box = []
+    runner = Runner(runloop=runloop)  # before the VM: its exit port is wired to it
     machine = build_firmware_vm(VmConfig(mem=2 * MiB, firmware="exitbench", runloop=runloop),
                                 io.BytesIO().write,
-                                lambda status: box[0].stop(status, StopReason.GUEST_EXIT), bench_count=count)
+                                lambda status: runner.stop(status, StopReason.GUEST_EXIT),
+                                bench_count=count)
     try:
-        runner = Runner(machine.vcpus, machine.pio, machine.mmio, runloop=runloop)
-        box.append(runner)
         seen = []
 
         def action():
@@ -204,7 +203,7 @@ def test_pause_stops_every_vcpu_after_its_last_exit_and_resumes_exactly(runloop)
             seen.append(machine.vcpus[0].get_regs().rip)
 
         threading.Timer(0.3, runner.pause, args=(action,)).start()
-        outcome = runner.run(timeout=60)
+        outcome = runner.run(machine.vcpus, machine.pio, machine.mmio, timeout=60)
     finally:
         machine.close()
     assert outcome.status == 0 and outcome.reason is StopReason.GUEST_EXIT

@@ -28,90 +28,36 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Callable, Protocol, TextIO
+from typing import Callable, TextIO
 
 from vmm.devices.bus import Bus, ReadAction, WriteAction
+from vmm.dispatch import ExitDispatcher, ExitQuirks
 from vmm.errors import KvmError, VmmError
 from vmm.kvm import exits as kvm_exits
-from vmm.kvm.exits import (
-    FailEntryExit, HltExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
-    SystemEventExit, VcpuExit,
-)
 from vmm.kvm.ioctl import ffi, lib
 from vmm.kvm.vcpu import Vcpu
+from vmm.outcome import (  # noqa: F401 (the statuses, re-exported: vmm.runner.EXIT_* is their old home)
+    EXIT_EMULATION_FAILURE, EXIT_GUEST_PANIC, EXIT_NO_STATUS, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT,
+    EXIT_VMM_ERROR, Outcome, StopReason,
+)
 from vmm.stats import ExitStats
-
-# vmm's own exit statuses (the guest's status passes through as 0-255).
-# Docker-like: 125 is the tool's own failure, 124 a timeout as in timeout(1).
-EXIT_NO_STATUS = 120  # the guest stopped (reset, power off, HLT) without reporting one
-EXIT_EMULATION_FAILURE = 121  # KVM could not emulate a guest instruction
-EXIT_TRIPLE_FAULT = 122  # KVM_EXIT_SHUTDOWN: the guest's CPU reset itself
-EXIT_GUEST_PANIC = 123  # the guest kernel panicked
-EXIT_TIMEOUT = 124  # --timeout expired
-EXIT_VMM_ERROR = 125  # vmm itself failed (bad input, KVM error)
 
 # The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing:
 # the point is only that the ioctl returns EINTR.
 KICK_SIGNAL = signal.SIGUSR1
 
 
-class StopReason(StrEnum):
-    """Why a VM ended (what `vmm: guest stopped: ...` says). A str: prints and compares as its value."""
-
-    GUEST_EXIT = "guest exit"  # the guest wrote its status to the exit port
-    GUEST_PANIC = "guest kernel panic"
-    GUEST_RESET = "guest reset"  # rebooted without a status
-    HALTED = "halted"  # HLT with nothing to wake it (no irqchip)
-    TRIPLE_FAULT = "triple fault"
-    SYSTEM_EVENT = "system event"
-    EMULATION_FAILURE = "emulation failure"
-    ENTRY_FAILED = "entry failed"
-    UNHANDLED_EXIT = "unhandled exit"
-    ALL_STOPPED = "all vCPUs stopped"
-    TIMEOUT = "timeout"
-    VMM_ERROR = "vmm error"
-    CONSOLE_ESCAPE = "console escape"  # Ctrl-A x
-    SNAPSHOT_SAVED = "snapshot saved"  # vmm snapshot create: done at the ready point
-    SIGINT = "SIGINT"
-    SIGTERM = "SIGTERM"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    status: int  # what `vmm run` exits with
-    reason: StopReason
-    detail: str = ""
-
-
-class ExitQuirks(Protocol):
-    """Host-specific handling of exits (see vmm/arch/x86_64/pvm.py)."""
-
-    def handle_internal_error(self, vcpu: Vcpu, exit: InternalErrorExit) -> bool: ...
-
-    def describe_failure(self, vcpu: Vcpu, exit: InternalErrorExit) -> str: ...
-
-
 class Runner:
-    def __init__(
-        self,
-        vcpus: list[Vcpu],
-        pio: Bus,
-        mmio: Bus,
-        *,
-        runloop: str = "c",
-        trace: TextIO | None = None,
-        quirks: ExitQuirks | None = None,
-    ) -> None:
+    """Runs a VM's vCPUs; made before the VM, so that its devices can be wired to stop and pause it."""
+
+    def __init__(self, *, runloop: str = "c", trace: TextIO | None = None) -> None:
         if runloop not in ("c", "python"):
             raise VmmError(f"--runloop must be 'c' or 'python', not {runloop!r}")
-        self.vcpus = vcpus
-        self.pio = pio
-        self.mmio = mmio
         self.runloop = runloop
         self.trace = trace
-        self.quirks = quirks
+        self.vcpus: list[Vcpu] = []  # set by run()
+        self.pio: Bus | None = None
+        self.dispatcher: ExitDispatcher | None = None
         self.stats = ExitStats()
         self.outcome: Outcome | None = None
         self.first_run_ns: int | None = None  # monotonic time of the first KVM_RUN
@@ -126,7 +72,6 @@ class Runner:
         self._local = threading.local()  # the vCPU whose exit this thread dispatches
         self._threads: list[threading.Thread] = []
         self._errors: list[BaseException] = []
-        self._trace_count = 0
 
     # --- stopping -------------------------------------------------------------------
     def stop(self, status: int, reason: StopReason, detail: str = "") -> None:
@@ -210,8 +155,15 @@ class Runner:
             self._cond.notify_all()
 
     # --- running ----------------------------------------------------------------------
-    def run(self, timeout: float | None = None) -> Outcome:
-        """Start every vCPU thread and wait for the outcome (or the timeout)."""
+    def run(self, vcpus: list[Vcpu], pio: Bus, mmio: Bus, *, quirks: ExitQuirks | None = None,
+            timeout: float | None = None) -> Outcome:
+        """Start a thread per vCPU, dispatch their exits, wait for the outcome (or the timeout).
+
+        A stop asked for before run() (a device during the build) ends it at once.
+        """
+        self.vcpus, self.pio = list(vcpus), pio
+        self.dispatcher = ExitDispatcher(pio, mmio, self.stats, self.stop, kick_others=self._kick_all,
+                                         quirks=quirks, trace=self.trace, vcpus=len(self.vcpus))
         if threading.current_thread() is threading.main_thread():
             signal.signal(KICK_SIGNAL, lambda *_: None)
         start = time.monotonic_ns()
@@ -252,6 +204,11 @@ class Runner:
     def _mark_first_run(self) -> None:
         if self.first_run_ns is None:
             self.first_run_ns = time.monotonic_ns()
+
+    def _dispatch(self, vcpu: Vcpu, exit) -> bool:
+        """One exit to the dispatcher. True when this vCPU must stop."""
+        self._local.vcpu = vcpu  # for current_vcpu, in the device handling it
+        return self.dispatcher.dispatch(vcpu, exit) or self.stopping
 
     def _interrupted(self, vcpu: Vcpu) -> bool:
         """KVM_RUN returned EINTR: stop if asked to, else carry on."""
@@ -361,86 +318,6 @@ class Runner:
     def _merge_c_stats(self, loop) -> None:
         self._merge_rule_hits(loop)
         self.stats.add_times(loop.ns_in_kvm_run, loop.ns_in_c_loop, loop.exits_in_c)
-
-    # --- exit dispatch (shared by both loops) --------------------------------------------
-    def _dispatch(self, vcpu: Vcpu, exit: VcpuExit) -> bool:
-        """Handle one exit. True when this vCPU must stop."""
-        self._local.vcpu = vcpu
-        if self.trace is not None:
-            self._trace(vcpu, exit)
-        if isinstance(exit, IoExit):
-            self.stats.count("io", ("out" if exit.is_write else "in", exit.port))
-            generation = self.pio.fast_path_generation()
-            self._handle_io(vcpu, exit)
-            if self.pio.fast_path_generation() != generation and len(self.vcpus) > 1:
-                # A device changed what C may do for it: other vCPUs' C loops
-                # hold the old rules, so make them come back and reload.
-                self._kick_all()
-            return self.stopping
-        if isinstance(exit, MmioExit):
-            self.stats.count("mmio", ("write" if exit.is_write else "read", exit.address))
-            if exit.is_write:
-                self.mmio.write(exit.address, exit.data)
-            else:
-                kvm_exits.complete_mmio_read(vcpu.run_struct, self.mmio.read(exit.address, exit.size))
-            return self.stopping
-        self.stats.count(exit.reason)
-        if isinstance(exit, HltExit):
-            self.stop(EXIT_NO_STATUS, StopReason.HALTED, "the guest executed HLT with nothing to wake it")
-            return True
-        if isinstance(exit, ShutdownExit):
-            self.stop(EXIT_TRIPLE_FAULT, StopReason.TRIPLE_FAULT,
-                      f"KVM_EXIT_SHUTDOWN at rip {vcpu.get_regs().rip:#x}")
-            return True
-        if isinstance(exit, SystemEventExit):
-            self.stop(EXIT_NO_STATUS, StopReason.SYSTEM_EVENT, f"type {exit.type}")
-            return True
-        if isinstance(exit, InternalErrorExit):
-            if self.quirks is not None and self.quirks.handle_internal_error(vcpu, exit):
-                return False
-            detail = (self.quirks.describe_failure(vcpu, exit) if self.quirks
-                      else describe_internal_error(vcpu, exit))
-            self.stop(EXIT_EMULATION_FAILURE, StopReason.EMULATION_FAILURE, detail)
-            return True
-        if isinstance(exit, FailEntryExit):
-            self.stop(EXIT_VMM_ERROR, StopReason.ENTRY_FAILED,
-                      f"hardware entry failure reason {exit.hardware_entry_failure_reason:#x}")
-            return True
-        self.stop(EXIT_VMM_ERROR, StopReason.UNHANDLED_EXIT, f"{exit.reason} at rip {vcpu.get_regs().rip:#x}")
-        return True
-
-    def _handle_io(self, vcpu: Vcpu, exit: IoExit) -> None:
-        if exit.is_write:
-            for i in range(exit.count):  # `rep outs` arrives as one exit of `count` items
-                self.pio.write(exit.port, exit.data[i * exit.size : (i + 1) * exit.size])
-        else:
-            value = b"".join(self.pio.read(exit.port, exit.size) for _ in range(exit.count))
-            kvm_exits.complete_io_in(vcpu.run_struct, exit, value)
-
-    def _trace(self, vcpu: Vcpu, exit: VcpuExit) -> None:
-        self._trace_count += 1
-        rip = vcpu.get_regs().rip
-        if isinstance(exit, IoExit):
-            what = (f"io {'out' if exit.is_write else 'in '} port={exit.port:#06x} "
-                    f"size={exit.size}" + (f" count={exit.count}" if exit.count > 1 else "")
-                    + (f" data={exit.data.hex()}" if exit.is_write else "")
-                    + f" ({self.pio.name_of(exit.port)})")
-        elif isinstance(exit, MmioExit):
-            what = (f"mmio {'write' if exit.is_write else 'read '} addr={exit.address:#x} "
-                    f"size={exit.size}" + (f" data={exit.data.hex()}" if exit.is_write else "")
-                    + f" ({self.mmio.name_of(exit.address)})")
-        else:
-            what = exit.reason
-        print(f"[{self._trace_count:>6}] vcpu{vcpu.id} {what} rip={rip:#x}", file=self.trace)
-
-
-def describe_internal_error(vcpu: Vcpu, exit: InternalErrorExit) -> str:
-    rip = vcpu.get_regs().rip
-    text = f"KVM_EXIT_INTERNAL_ERROR suberror {exit.suberror} at rip {rip:#x}"
-    if exit.instruction:
-        text += f", instruction bytes {exit.instruction.hex(' ')}"
-    return text
-
 
 def install_stop_signals(runner: Runner) -> None:
     """Ctrl-C and SIGTERM stop the guest promptly, with the shell's usual statuses."""

@@ -7,13 +7,15 @@ so that tests and benchmarks can run a VM in-process.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from vmm.config import VmConfig
 from vmm.console import ConsoleOutput
-from vmm.runner import EXIT_VMM_ERROR, Outcome, Runner, StopReason, install_stop_signals
+from vmm.outcome import EXIT_GUEST_PANIC, EXIT_NO_STATUS, EXIT_VMM_ERROR, Outcome, StopReason
+from vmm.runner import Runner, install_stop_signals
 from vmm.stats import ExitStats
 
 
@@ -42,22 +44,16 @@ def run_firmware(
     from vmm.builder import build_firmware_vm
 
     stderr = stderr or sys.stderr
-    output = ConsoleOutput(stdout)
-    runner_box: list[Runner] = []
+    runner = Runner(runloop=config.runloop, trace=stderr if config.trace else None)
 
     def on_exit(status: int) -> None:
-        runner_box[0].stop(status, StopReason.GUEST_EXIT, f"status {status} written to the exit port")
+        runner.stop(status, StopReason.GUEST_EXIT, f"status {status} written to the exit port")
 
-    machine = build_firmware_vm(config, output, on_exit, bench_count=bench_count)
+    machine = build_firmware_vm(config, ConsoleOutput(stdout), on_exit, bench_count=bench_count)
     try:
-        runner = Runner(
-            machine.vcpus, machine.pio, machine.mmio,
-            runloop=config.runloop, trace=stderr if config.trace else None,
-        )
-        runner_box.append(runner)
         if handle_signals:
             install_stop_signals(runner)
-        outcome = runner.run(timeout=config.timeout)
+        outcome = runner.run(machine.vcpus, machine.pio, machine.mmio, timeout=config.timeout)
         report(outcome, runner, machine, config, stderr)
         return RunResult(outcome, runner.stats, machine.phases)
     finally:
@@ -128,12 +124,6 @@ def _make_guest(start, config: VmConfig, output, events, progress):
     return build_linux_vm(config, output, events, progress, mailbox=isinstance(start, SaveAtReady))
 
 
-def _request(config: VmConfig) -> bytes:
-    from vmm.devices.mailbox import encode_request
-
-    return encode_request(config.command, interactive=not config.command)
-
-
 def run_linux(
     config: VmConfig,
     *,
@@ -148,126 +138,171 @@ def run_linux(
     start: ColdBoot | SaveAtReady | FromSnapshot = ColdBoot(),
 ) -> RunResult:
     """Boot Linux (or restore it), run the command (or a shell), return the guest's exit status."""
-    import time
+    run = LinuxRun(config, start, stdout=stdout, stderr=stderr or sys.stderr, recorder=recorder,
+                   profile=profile, initcalls=initcalls)
+    run.build()
+    try:
+        if on_built is not None:
+            on_built(run.machine)
+        if handle_signals:
+            install_stop_signals(run.runner)
+        outcome = run.execute(stdin)
+        return run.finish(outcome)
+    finally:
+        run.machine.close()
 
-    from vmm.builder import GuestEvents
-    from vmm.devices import mailbox
-    from vmm.runner import EXIT_GUEST_PANIC, EXIT_NO_STATUS
 
-    stderr = stderr or sys.stderr
-    panic = PanicWatcher()
-    output = ConsoleOutput(stdout, watchers=[panic])
-    initcall_watch = None
-    if initcalls:
-        from vmm.profiler import InitcallWatcher
+class LinuxRun:
+    """One run of a Linux guest, step by step: build (or restore), execute, finish.
 
-        initcall_watch = InitcallWatcher()
-        output.watchers.append(initcall_watch)
-    runner_box: list[Runner] = []
+    The runner exists before the VM: the devices are wired straight to its
+    stop and pause, and the console watchers to the output.
+    """
 
-    def on_exit(status: int) -> None:
-        runner_box[0].stop(status, StopReason.GUEST_EXIT, f"status {status} written to the exit port")
+    def __init__(self, config: VmConfig, start, *, stdout, stderr: TextIO, recorder=None,
+                 profile=None, initcalls: bool = False) -> None:
+        self.config = config
+        self.start = start
+        self.stderr = stderr
+        self.recorder = recorder
+        self.profile = profile
+        self.runner = Runner(runloop=config.runloop, trace=stderr if config.trace else None)
+        self.panic = PanicWatcher()
+        self.output = ConsoleOutput(stdout, watchers=[self.panic])
+        self.initcalls = None
+        if initcalls:
+            from vmm.profiler import InitcallWatcher
 
-    def on_reset() -> None:
-        if panic.panicked:
-            runner_box[0].stop(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, panic.message)
+            self.initcalls = InitcallWatcher()
+            self.output.watchers.append(self.initcalls)
+        self.guest = None
+        self.profiler = None  # vmm.profiler.Profiler while --profile samples
+
+    @property
+    def machine(self):
+        return self.guest.machine
+
+    def progress(self, line: str) -> None:
+        print(f"vmm: {line}", file=self.stderr, flush=True)
+
+    # --- build ---------------------------------------------------------------------------
+    def build(self) -> None:
+        from vmm.builder import GuestEvents
+
+        events = GuestEvents(self.on_exit, self.on_reset, self.on_ready)
+        self.guest = _make_guest(self.start, self.config, self.output, events, self.progress)
+        if isinstance(self.start, FromSnapshot):
+            try:
+                self.deliver(list(self.start.snapshot.meta.mailbox))
+            except BaseException:
+                self.machine.close()
+                raise
+
+    # --- what the devices report -------------------------------------------------------------
+    def on_exit(self, status: int) -> None:
+        self.runner.stop(status, StopReason.GUEST_EXIT, f"status {status} written to the exit port")
+
+    def on_reset(self) -> None:
+        if self.panic.panicked:
+            self.runner.stop(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, self.panic.message)
         else:
-            runner_box[0].stop(EXIT_NO_STATUS, StopReason.GUEST_RESET,
-                               "the guest rebooted without reporting a status")
+            self.runner.stop(EXIT_NO_STATUS, StopReason.GUEST_RESET,
+                             "the guest rebooted without reporting a status")
 
-    def progress(line: str) -> None:
-        print(f"vmm: {line}", file=stderr, flush=True)
-
-    def on_ready(address: int, length: int) -> None:
+    def on_ready(self, address: int, length: int) -> None:
         """/init is at its ready point (in the vCPU thread that dispatches its port write)."""
-        runner = runner_box[0]
         from vmm.arch.x86_64.paging import translator
+        from vmm.devices.mailbox import buffer_extents
 
-        vcpu = runner.current_vcpu
+        vcpu = self.runner.current_vcpu
         try:
-            extents = mailbox.buffer_extents(translator(guest.machine.memory, vcpu.get_sregs().cr3),
-                                             address, length)
+            extents = buffer_extents(translator(self.machine.memory, vcpu.get_sregs().cr3),
+                                     address, length)
         except ValueError as e:
-            runner.stop(EXIT_VMM_ERROR, StopReason.VMM_ERROR, f"guest mailbox: {e}")
+            self.runner.stop(EXIT_VMM_ERROR, StopReason.VMM_ERROR, f"guest mailbox: {e}")
             return
-        runner.pause(lambda: at_ready(runner, extents))
+        self.runner.pause(lambda: self.at_ready(extents))
 
-    def at_ready(runner: Runner, extents: list[tuple[int, int]]) -> None:
+    def at_ready(self, extents: list[tuple[int, int]]) -> None:
         """Every vCPU stopped at the ready point: save the VM, hand over the command."""
+        start = self.start
         if isinstance(start, SaveAtReady):
             from vmm.errors import SnapshotError
             from vmm.snapshot.save import save_snapshot
 
             try:
-                saved = save_snapshot(start.directory, guest, config, extents, replace=start.replace)
+                saved = save_snapshot(start.directory, self.guest, self.config, extents,
+                                      replace=start.replace)
             except SnapshotError as e:
                 if not start.then_run:
                     raise
-                progress(f"warning: the warm-start snapshot was not saved: {e}")
+                self.progress(f"warning: the warm-start snapshot was not saved: {e}")
             else:
-                guest.machine.phases["snapshot_saved"] = time.monotonic_ns()
+                self.machine.phases["snapshot_saved"] = time.monotonic_ns()
                 if not start.then_run:
-                    runner.stop(0, StopReason.SNAPSHOT_SAVED, saved.summary())
+                    self.runner.stop(0, StopReason.SNAPSHOT_SAVED, saved.summary())
                     return
-        mailbox.deliver(guest.machine.memory, extents, _request(config))
+        self.deliver(extents)
 
-    events = GuestEvents(on_exit, on_reset, on_ready)
-    guest = _make_guest(start, config, output, events, progress)
-    machine = guest.machine
-    try:
-        if isinstance(start, FromSnapshot):
-            mailbox.deliver(machine.memory, list(start.snapshot.meta.mailbox), _request(config))
-        if on_built is not None:
-            on_built(machine)
-        quirks = None
+    def deliver(self, extents: list[tuple[int, int]]) -> None:
+        """The command (argv, time, entropy) into /init's request buffer."""
+        from vmm.devices.mailbox import deliver, encode_request
+
+        deliver(self.machine.memory, extents,
+                encode_request(self.config.command, interactive=not self.config.command))
+
+    # --- execute -----------------------------------------------------------------------------
+    def quirks(self):
         from vmm.kvm.flavour import Flavour
 
-        if machine.flavour is Flavour.PVM:
+        if self.machine.flavour is Flavour.PVM:
             from vmm.arch.x86_64.pvm import PvmQuirks
 
-            quirks = PvmQuirks(guest.system_map)
-        runner = Runner(machine.vcpus, machine.pio, machine.mmio, runloop=config.runloop,
-                        trace=stderr if config.trace else None, quirks=quirks)
-        runner_box.append(runner)
-        if handle_signals:
-            install_stop_signals(runner)
-        profiler = None
-        if profile is not None:
+            return PvmQuirks(self.guest.system_map)
+        return None
+
+    def execute(self, stdin) -> Outcome:
+        """Run the vCPUs (under the profiler if asked) until the guest ends."""
+        if self.profile is not None:
             from vmm.profiler import Profiler
 
-            profiler = Profiler(machine.memory, hz=profile.hz)
-            runner.tick = profiler.tick
-            profiler.start(lambda: runner.vcpu_threads)
+            self.profiler = Profiler(self.machine.memory, hz=self.profile.hz)
+            self.runner.tick = self.profiler.tick
+            self.profiler.start(lambda: self.runner.vcpu_threads)
         try:
-            outcome = _run_with_console(runner, guest, config, stdin)
+            outcome = _run_with_console(self.runner, self.guest, self.config, stdin, self.quirks())
         finally:
-            if profiler is not None:
-                profiler.stop()
-        if outcome.reason in (StopReason.TRIPLE_FAULT, StopReason.GUEST_RESET) and panic.panicked:
-            outcome = Outcome(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, panic.message)
-        machine.phases["first_kvm_run"] = runner.first_run_ns or 0
-        machine.phases["first_output"] = output.first_byte_ns or 0
+            if self.profiler is not None:
+                self.profiler.stop()
+        if outcome.reason in (StopReason.TRIPLE_FAULT, StopReason.GUEST_RESET) and self.panic.panicked:
+            outcome = Outcome(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, self.panic.message)
+        return outcome
+
+    # --- finish ------------------------------------------------------------------------------
+    def finish(self, outcome: Outcome) -> RunResult:
+        """Phases, reports, the result; the VM still exists (the caller closes it)."""
+        machine, phases = self.machine, self.machine.phases
+        phases["first_kvm_run"] = self.runner.first_run_ns or 0
+        phases["first_output"] = self.output.first_byte_ns or 0
         for mark, name in ((1, "init_reached"), (2, "command_done")):
-            if mark in guest.boot_timer.marks:
-                machine.phases[name] = guest.boot_timer.marks[mark]
-        machine.phases["guest_finished"] = time.monotonic_ns()
-        if recorder is not None:
-            recorder.before_close(machine, guest)
-        report(outcome, runner, machine, config, stderr)
-        if profiler is not None:
+            if mark in self.guest.boot_timer.marks:
+                phases[name] = self.guest.boot_timer.marks[mark]
+        phases["guest_finished"] = time.monotonic_ns()
+        if self.recorder is not None:
+            self.recorder.before_close(machine, self.guest)
+        report(outcome, self.runner, machine, self.config, self.stderr)
+        if self.profiler is not None:
             from vmm.loader.symbols import SymbolTable
 
-            symbols_path = profile.symbols or guest.system_map
-            profiler.summary(SymbolTable.from_system_map(symbols_path) if symbols_path else None,
-                             top=profile.top, out=stderr, folded=profile.out)
-        if initcall_watch is not None:
-            print(initcall_watch.format(), file=stderr)
+            symbols_path = self.profile.symbols or self.guest.system_map
+            self.profiler.summary(SymbolTable.from_system_map(symbols_path) if symbols_path else None,
+                                  top=self.profile.top, out=self.stderr, folded=self.profile.out)
+        if self.initcalls is not None:
+            print(self.initcalls.format(), file=self.stderr)
         from vmm.devices.virtio.attach import device_counters
 
-        kind = {FromSnapshot: "restored", SaveAtReady: "cold+saved"}.get(type(start), "cold")
-        return RunResult(outcome, runner.stats, machine.phases, device_counters(machine), kind)
-    finally:
-        machine.close()
+        kind = {FromSnapshot: "restored", SaveAtReady: "cold+saved"}.get(type(self.start), "cold")
+        return RunResult(outcome, self.runner.stats, phases, device_counters(machine), kind)
 
 
 def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool = False,
@@ -348,20 +383,26 @@ def _warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]
     return cache.lookup(key), key
 
 
-def _run_with_console(runner: Runner, guest, config: VmConfig, stdin) -> Outcome:
+def _run_with_console(runner: Runner, guest, config: VmConfig, stdin, quirks) -> Outcome:
     """Run the guest with the host's input connected to its UART, if there is any."""
     from vmm.console import InteractiveConsole
 
+    machine = guest.machine
+
+    def run() -> Outcome:
+        return runner.run(machine.vcpus, machine.pio, machine.mmio, quirks=quirks,
+                          timeout=config.timeout)
+
     if config.command:
-        return runner.run(timeout=config.timeout)
+        return run()
     stdin = stdin if stdin is not None else sys.stdin
     try:
         fd = stdin.fileno()
     except (AttributeError, ValueError, OSError):
-        return runner.run(timeout=config.timeout)
+        return run()
     with InteractiveConsole(guest.serial.enqueue_input,
                             lambda: runner.stop(0, StopReason.CONSOLE_ESCAPE, "Ctrl-A x"), fd=fd):
-        return runner.run(timeout=config.timeout)
+        return run()
 
 
 def report(outcome: Outcome, runner: Runner, machine, config: VmConfig, stderr: TextIO) -> None:

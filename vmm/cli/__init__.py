@@ -17,7 +17,7 @@ import click  # noqa: E402
 from vmm import __version__  # noqa: E402
 from vmm.errors import VmmError  # noqa: E402
 
-EXIT_VMM_ERROR = 125  # as vmm.runner.EXIT_VMM_ERROR (not imported: keep start-up light)
+EXIT_VMM_ERROR = 125  # as vmm.outcome.EXIT_VMM_ERROR (not imported: keep start-up light)
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 

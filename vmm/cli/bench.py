@@ -28,7 +28,7 @@ def boot(runs, contenders, timeouts, json_path, plot_path, setup, quiet) -> None
     from vmm.bench.boot import ALL_CONTENDERS, make_contenders, run_bench
     from vmm.bench.boot import setup as do_setup
     from vmm.bench.report import format_table, plot
-    from vmm.errors import UsageError
+    from vmm.errors import UsageError, VmmError
 
     def progress(line: str) -> None:
         if not quiet:
@@ -46,17 +46,43 @@ def boot(runs, contenders, timeouts, json_path, plot_path, setup, quiet) -> None
         chosen = make_contenders(names, overrides)
     except ValueError as e:
         raise UsageError(f"--contenders: {e}") from None
+    # Outputs asked for are checked before the benchmark spends minutes running.
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path:
+            _check_writable(option, path)
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'vmm[plot]' "
+                             "(the README's set-up installs it)") from None
     if setup:
         for problem in do_setup(progress):
             progress(f"set-up: {problem}")
     report = run_bench(chosen, runs=runs, progress=progress)
     click.echo(format_table(report))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-    if plot_path:
-        try:
+    try:
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(report, f, indent=2)
+                f.write("\n")
+        if plot_path:
             plot(report, plot_path)
-        except ImportError:
-            click.echo("vmm: --plot needs matplotlib (pip install 'vmm[plot]'): no chart written", err=True)
+    except OSError as e:
+        raise VmmError(f"{e.filename}: cannot write: {e.strerror}") from None
+
+
+def _check_writable(option: str, path: str) -> None:
+    """One clear line now, not after the benchmark: can ``path`` be created or overwritten?"""
+    import os
+
+    from vmm.errors import UsageError
+
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as e:
+        raise UsageError(f"{option} {path}: cannot write: {e.strerror}") from None
+    if not existed:
+        os.unlink(path)
