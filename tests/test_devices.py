@@ -178,4 +178,5 @@ def test_irq_line_pulse():
 
 
 def test_no_interrupt_accepts_anything():
-    NoInterrupt().set_level(True)
+    line = NoInterrupt()
+    assert line.set_level(True) is None and line.set_level(False) is None

@@ -76,9 +76,17 @@ def test_overlapping_regions_are_refused(ranges):
         GuestMemory(ranges)
 
 
-def test_adjacent_regions_are_fine():
+def test_adjacent_regions_are_fine_but_an_access_may_not_straddle_them():
     memory = GuestMemory([(0, PAGE), (PAGE, PAGE)])
-    memory.close()
+    try:
+        assert [(r.start, r.size) for r in memory] == [(0, PAGE), (PAGE, PAGE)]
+        memory.write(PAGE - 4, b"abcd")
+        memory.write(PAGE, b"efgh")
+        assert memory.read(PAGE - 4, 4) + memory.read(PAGE, 4) == b"abcdefgh"
+        with pytest.raises(GuestMemoryError, match=f"{PAGE - 4:#x}\\+0x8 is outside guest RAM"):
+            memory.read(PAGE - 4, 8)  # each region is its own mapping: no access spans two
+    finally:
+        memory.close()
 
 
 @pytest.mark.parametrize("start, size", [(0, 100), (1, PAGE), (PAGE + 8, PAGE), (0, 0), (0, -PAGE)])

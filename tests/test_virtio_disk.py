@@ -168,3 +168,6 @@ def test_close_twice(image):
     disk = RawDiskImage(str(image))
     disk.close()
     disk.close()
+    assert disk.fd == -1
+    # The lock went with it: another read-write open succeeds.
+    RawDiskImage(str(image)).close()

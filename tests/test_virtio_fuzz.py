@@ -235,8 +235,8 @@ def test_queue_raises_only_queue_errors(table, indirect, ring, avail_idx, event_
                 queue.add_used(e.head, 0)
                 taken += 1
                 continue
-            except q.RingError:
-                assert queue.broken
+            except q.RingError as e:
+                assert queue.broken == str(e)
                 break
             if chain is None:
                 break

@@ -257,7 +257,9 @@ def test_avail_idx_more_than_queue_size_ahead(rings):
     rings.memory.write_u16(AVAIL + 2, 9)
     with pytest.raises(q.AvailIndexError):
         rings.queue.pop()
-    assert rings.queue.broken
+    assert rings.queue.broken == "avail.idx is 9 ahead of the device, queue size is 8"
+    with pytest.raises(q.RingError, match="9 ahead"):  # broken until reset, whatever the ring says now
+        rings.queue.pop()
     with pytest.raises(q.RingError):
         rings.queue.pop()
 
@@ -273,7 +275,7 @@ def test_head_index_past_the_table(rings):
     rings.publish(8)
     with pytest.raises(q.HeadIndexError):
         rings.queue.pop()
-    assert rings.queue.broken
+    assert rings.queue.broken == "avail.ring[0] = 8, queue size is 8"
 
 
 def test_reset_repairs_a_broken_queue(rings):
