@@ -76,6 +76,14 @@ def image(tmp_path):
 
 
 @pytest.fixture
+def bare(image):
+    """A rig whose driver has not initialised the device yet."""
+    r = Rig(image, init=False)
+    yield r
+    r.close()
+
+
+@pytest.fixture
 def rig(image):
     r = Rig(image)
     yield r
@@ -141,8 +149,7 @@ def test_features_never_offered_are_refused(image):
     r = Rig(image, init=False)
     try:
         d = r.driver
-        d.w32(mmio.STATUS, 0)
-        d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
+        _to_driver(d)
         d.w32(mmio.DRIVER_FEATURES_SEL, 1)
         d.w32(mmio.DRIVER_FEATURES, 0xFFFFFFFF)
         d.set_status(mmio.STATUS_FEATURES_OK)
@@ -203,10 +210,15 @@ def test_wrong_size_and_unaligned_register_accesses(rig):
     assert rig.driver.r32(mmio.MAGIC) == mmio.MAGIC_VALUE
 
 
-def _negotiate(d, features=None):
-    """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK: the queue set-up phase."""
+def _to_driver(d):
+    """Reset, ACKNOWLEDGE, DRIVER: the feature negotiation phase."""
     d.w32(mmio.STATUS, 0)
     d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
+
+
+def _negotiate(d, features=None):
+    """Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK: the queue set-up phase."""
+    _to_driver(d)
     accept = VERSION_1 if features is None else features
     for sel in (0, 1):
         d.w32(mmio.DRIVER_FEATURES_SEL, sel)
@@ -222,79 +234,59 @@ def _lay_out_queue(d, size=16):
     d.w32(mmio.QUEUE_DEVICE_LOW, 0x3000)
 
 
-def test_queue_registers_of_a_missing_queue(image):
-    r = Rig(image, init=False)
-    try:
-        d = r.driver
-        _negotiate(d)
-        d.w32(mmio.QUEUE_SEL, 7)
-        assert d.r32(mmio.QUEUE_NUM_MAX) == 0 and d.r32(mmio.QUEUE_READY) == 0
-        d.w32(mmio.QUEUE_NUM, 8)
-        assert r.transport.stats.errors[mmio.NO_SUCH_QUEUE] == 1
-    finally:
-        r.close()
+def test_queue_registers_of_a_missing_queue(bare):
+    d = bare.driver
+    _negotiate(d)
+    d.w32(mmio.QUEUE_SEL, 7)
+    assert d.r32(mmio.QUEUE_NUM_MAX) == 0 and d.r32(mmio.QUEUE_READY) == 0
+    d.w32(mmio.QUEUE_NUM, 8)
+    assert bare.transport.stats.errors[mmio.NO_SUCH_QUEUE] == 1
 
 
-def test_queue_registers_only_between_features_ok_and_driver_ok(image):
-    """Spec 4.2.3.2: a driver that sets up a queue before FEATURES_OK, or changes one while it runs."""
-    r = Rig(image, init=False)
-    try:
-        d = r.driver
-        d.w32(mmio.STATUS, 0)
-        d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
-        _lay_out_queue(d)  # before FEATURES_OK: every write ignored
-        d.w32(mmio.QUEUE_READY, 1)
-        assert d.r32(mmio.QUEUE_READY) == 0 and d.r32(mmio.QUEUE_DESC_LOW) == 0
-        assert r.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP] == 6
-    finally:
-        r.close()
-    rig = Rig(image)  # a running device
-    try:
-        d = rig.driver
-        before = rig.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP]
-        d.w32(mmio.QUEUE_SEL, 0)
-        d.w32(mmio.QUEUE_DESC_LOW, 0x8000)
-        d.w32(mmio.QUEUE_READY, 0)
-        assert rig.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP] == before + 3
-        assert d.r32(mmio.QUEUE_DESC_LOW) == 0x1000 and d.r32(mmio.QUEUE_READY) == 1
-        assert d.read(0, 1).status == VIRTIO_BLK_S_OK
-    finally:
-        rig.close()
+def test_queue_registers_before_features_ok_are_ignored(bare):
+    """Spec 4.2.3.2: a driver that sets up a queue before FEATURES_OK."""
+    d = bare.driver
+    _to_driver(d)
+    _lay_out_queue(d)  # before FEATURES_OK: every write ignored
+    d.w32(mmio.QUEUE_READY, 1)
+    assert d.r32(mmio.QUEUE_READY) == 0 and d.r32(mmio.QUEUE_DESC_LOW) == 0
+    assert bare.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP] == 6
+
+
+def test_queue_registers_of_a_running_device_are_ignored(rig):
+    d = rig.driver
+    before = rig.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP]
+    d.w32(mmio.QUEUE_SEL, 0)
+    d.w32(mmio.QUEUE_DESC_LOW, 0x8000)
+    d.w32(mmio.QUEUE_READY, 0)
+    assert rig.transport.stats.errors[mmio.QUEUE_OUTSIDE_SETUP] == before + 3
+    assert d.r32(mmio.QUEUE_DESC_LOW) == 0x1000 and d.r32(mmio.QUEUE_READY) == 1
+    assert d.read(0, 1).status == VIRTIO_BLK_S_OK
 
 
 @pytest.mark.parametrize("event_idx", [False, True])
-def test_queues_start_at_driver_ok_with_the_negotiated_features(image, event_idx):
-    r = Rig(image, init=False)
-    try:
-        d = r.driver
-        _negotiate(d, VERSION_1 | (EVENT_IDX if event_idx else 0))
-        _lay_out_queue(d)
-        d.w32(mmio.QUEUE_READY, 1)
-        queue = r.transport.queues[0]
-        assert d.r32(mmio.QUEUE_READY) == 1 and queue.ready and not queue.active
-        d.notify(0)  # ready is not running
-        assert r.transport.stats.errors[mmio.NOT_RUNNING] == 1
-        d.set_status(mmio.STATUS_DRIVER_OK)
-        assert queue.active and queue.event_idx is event_idx and queue.indirect is False
-    finally:
-        r.close()
+def test_queues_start_at_driver_ok_with_the_negotiated_features(bare, event_idx):
+    d = bare.driver
+    _negotiate(d, VERSION_1 | (EVENT_IDX if event_idx else 0))
+    _lay_out_queue(d)
+    d.w32(mmio.QUEUE_READY, 1)
+    queue = bare.transport.queues[0]
+    assert d.r32(mmio.QUEUE_READY) == 1 and queue.ready and not queue.active
+    d.notify(0)  # ready is not running
+    assert bare.transport.stats.errors[mmio.NOT_RUNNING] == 1
+    d.set_status(mmio.STATUS_DRIVER_OK)
+    assert queue.active and queue.event_idx is event_idx and queue.indirect is False
 
 
-def test_configuration_writes_wait_for_features_ok(image):
-    r = Rig(image, init=False)
-    try:
-        written = []
-        r.device.write_config = lambda offset, data: written.append((offset, data))
-        d = r.driver
-        d.w32(mmio.STATUS, 0)
-        d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
-        r.transport.write(mmio.CONFIG + 0x20, b"\x01")
-        assert written == [] and r.transport.stats.errors[mmio.CONFIG_BEFORE_FEATURES] == 1
-        _negotiate(d)
-        r.transport.write(mmio.CONFIG + 0x20, b"\x01")
-        assert written == [(0x20, b"\x01")]
-    finally:
-        r.close()
+def test_configuration_writes_wait_for_features_ok(bare):
+    written = []
+    bare.device.write_config = lambda offset, data: written.append((offset, data))
+    _to_driver(bare.driver)
+    bare.transport.write(mmio.CONFIG + 0x20, b"\x01")
+    assert written == [] and bare.transport.stats.errors[mmio.CONFIG_BEFORE_FEATURES] == 1
+    _negotiate(bare.driver)
+    bare.transport.write(mmio.CONFIG + 0x20, b"\x01")
+    assert written == [(0x20, b"\x01")]
 
 
 @pytest.mark.parametrize(
@@ -311,17 +303,8 @@ def test_bad_queue_setup_is_refused(image, register, value):
     r = Rig(image, init=False)
     try:
         d = r.driver
-        d.w32(mmio.STATUS, 0)
-        d.set_status(mmio.STATUS_ACKNOWLEDGE | mmio.STATUS_DRIVER)
-        for sel in (0, 1):
-            d.w32(mmio.DRIVER_FEATURES_SEL, sel)
-            d.w32(mmio.DRIVER_FEATURES, 1 if sel else 0)
-        d.set_status(mmio.STATUS_FEATURES_OK)
-        d.w32(mmio.QUEUE_SEL, 0)
-        d.w32(mmio.QUEUE_NUM, 16)
-        d.w32(mmio.QUEUE_DESC_LOW, 0x1000)
-        d.w32(mmio.QUEUE_DRIVER_LOW, 0x2000)
-        d.w32(mmio.QUEUE_DEVICE_LOW, 0x3000)
+        _negotiate(d)
+        _lay_out_queue(d)
         d.w32(register, value)
         d.w32(mmio.QUEUE_READY, 1)
         assert d.r32(mmio.QUEUE_READY) == 0
