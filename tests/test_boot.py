@@ -20,7 +20,7 @@ import pytest
 
 from tests.guest import BOOT_TIMEOUT, guest_kernel, vmm_run
 from vmm.kvm.flavour import Flavour, detect_flavour
-from vmm.runner import EXIT_GUEST_PANIC, EXIT_TIMEOUT
+from vmm.outcome import EXIT_GUEST_PANIC, EXIT_TIMEOUT
 
 pytestmark = [pytest.mark.boot, pytest.mark.kvm]
 

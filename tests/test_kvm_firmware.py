@@ -15,7 +15,7 @@ import pytest
 
 from vmm.arch.x86_64.layout import BENCH_PORT, COM1_PORT, EXIT_PORT, MiB
 from vmm.config import VmConfig
-from vmm.runner import EXIT_TIMEOUT, StopReason
+from vmm.outcome import EXIT_TIMEOUT, StopReason
 from vmm.session import run_firmware
 
 pytestmark = pytest.mark.kvm

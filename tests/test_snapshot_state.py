@@ -93,62 +93,61 @@ def disk(tmp_path):
     return path
 
 
-def _transport(memory, backend):
-    return VirtioMmioTransport(VirtioBlock(backend), memory, FakeInterrupt(), name="vda")
+class Disk:
+    """Guest RAM and a disk backend, for transports that come and go over them (as a restore does)."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+        self.memory = GuestMemory([(0, RAM_SIZE)])
+        self.backend = RawDiskImage(str(path))
+
+    def transport(self) -> VirtioMmioTransport:
+        return VirtioMmioTransport(VirtioBlock(self.backend), self.memory, FakeInterrupt(), name="vda")
+
+    def running_driver(self) -> MockDriver:
+        return MockDriver(self.transport(), self.memory).init()
 
 
-def test_virtio_transport_state_restored_into_a_new_transport_goes_on(disk) -> None:
+@pytest.fixture
+def rig(disk):
+    r = Disk(disk)
+    yield r
+    r.backend.close()
+    r.memory.close()
+
+
+def test_virtio_transport_state_restored_into_a_new_transport_goes_on(rig) -> None:
     """Requests before and after: the restored transport knows its place in the rings."""
-    memory = GuestMemory([(0, RAM_SIZE)])
-    backend = RawDiskImage(str(disk))
-    try:
-        driver = MockDriver(_transport(memory, backend), memory).init()
-        assert driver.read(0, 1).data == disk.read_bytes()[:512]
-        state = driver.transport.state()
-        assert state.queues[0].ready and state.queues[0].next_avail == 1
-        # JSON and back, as the state file does.
-        state = codec.decode(type(state), json.loads(json.dumps(codec.encode(state))), "t")
-        driver.transport = restored = _transport(memory, backend)
-        restored.restore(state)
-        assert restored.state() == state
-        assert driver.read(8, 2).data == disk.read_bytes()[4096:5120]
-        assert sum(restored.stats.errors.values()) == 0
-    finally:
-        backend.close()
-        memory.close()
+    driver = rig.running_driver()
+    assert driver.read(0, 1).data == rig.path.read_bytes()[:512]
+    state = driver.transport.state()
+    assert state.queues[0].ready and state.queues[0].next_avail == 1
+    # JSON and back, as the state file does.
+    state = codec.decode(type(state), json.loads(json.dumps(codec.encode(state))), "t")
+    driver.transport = restored = rig.transport()
+    restored.restore(state)
+    assert restored.state() == state
+    assert driver.read(8, 2).data == rig.path.read_bytes()[4096:5120]
+    assert sum(restored.stats.errors.values()) == 0
 
 
-def test_virtio_restore_serves_a_request_whose_kick_was_lost(disk) -> None:
+def test_virtio_restore_serves_a_request_whose_kick_was_lost(rig) -> None:
     """Published before the snapshot, kicked into an ioeventfd that died with the old VM."""
-    memory = GuestMemory([(0, RAM_SIZE)])
-    backend = RawDiskImage(str(disk))
-    try:
-        driver = MockDriver(_transport(memory, backend), memory).init()
-        driver.reset_heap()
-        pending = driver.prepare(0, sector=2, in_len=512)  # VIRTIO_BLK_T_IN, not kicked
-        state = driver.transport.state()
-        restored = _transport(memory, backend)
-        restored.restore(state)
-        driver.transport = restored
-        driver.finish([pending])
-        assert pending.status == 0 and pending.data == disk.read_bytes()[1024:1536]
-    finally:
-        backend.close()
-        memory.close()
+    driver = rig.running_driver()
+    driver.reset_heap()
+    pending = driver.prepare(0, sector=2, in_len=512)  # VIRTIO_BLK_T_IN, not kicked
+    state = driver.transport.state()
+    driver.transport = rig.transport()
+    driver.transport.restore(state)
+    driver.finish([pending])
+    assert pending.status == 0 and pending.data == rig.path.read_bytes()[1024:1536]
 
 
-def test_virtio_restore_refuses_rings_outside_memory(disk) -> None:
-    memory = GuestMemory([(0, RAM_SIZE)])
-    backend = RawDiskImage(str(disk))
-    try:
-        driver = MockDriver(_transport(memory, backend), memory).init()
-        state = driver.transport.state()
-        queue = dataclasses.replace(state.queues[0], used_ring=RAM_SIZE + PAGE)
-        with pytest.raises(ValueError, match="outside guest RAM"):
-            _transport(memory, backend).restore(dataclasses.replace(state, queues=(queue,)))
-    finally:
-        backend.close()
-        memory.close()
+def test_virtio_restore_refuses_rings_outside_memory(rig) -> None:
+    state = rig.running_driver().transport.state()
+    queue = dataclasses.replace(state.queues[0], used_ring=RAM_SIZE + PAGE)
+    with pytest.raises(ValueError, match="outside guest RAM"):
+        rig.transport().restore(dataclasses.replace(state, queues=(queue,)))
 
 
 # --- the mailbox -----------------------------------------------------------------------------

@@ -84,14 +84,12 @@ def build_firmware_vm(
         # Intel needs a 3-page TSS area for real mode (KVM_SET_TSS_ADDR); harmless elsewhere.
         vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
         # 2. Guest RAM.
-        memory = GuestMemory([(0, config.mem)])
-        undo.pop_all()  # from here the Machine owns kvm, vm and memory
-    machine = Machine(kvm, vm, memory, flavour=detect_flavour())
-    with contextlib.ExitStack() as undo:
-        undo.callback(machine.close)
+        machine = Machine(kvm, vm, GuestMemory([(0, config.mem)]), flavour=detect_flavour())
+        undo.pop_all()
+        undo.callback(machine.close)  # from here the Machine owns kvm, vm and memory
         machine.register_memory()
         # 3. The payload, ending at 1 MiB like a BIOS ROM.
-        memory.write(layout.FIRMWARE_END - len(image), image)
+        machine.memory.write(layout.FIRMWARE_END - len(image), image)
         # 4. Devices: console, exit port, POST codes, the benchmark port.
         machine.pio.register(layout.COM1_PORT, 8, Serial16550(output), "serial")
         machine.pio.register(layout.EXIT_PORT, 1, DebugExit(on_exit), "debug-exit")
@@ -273,13 +271,11 @@ def create_linux_machine(config: VmConfig, memory: GuestMemory) -> Machine:
         vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDRESS)
         vm.create_irqchip()
         vm.create_pit2()
-        undo.pop_all()  # from here the Machine owns kvm, vm and memory
-    machine = Machine(kvm, vm, memory, flavour=flavour)
-    try:
+        machine = Machine(kvm, vm, memory, flavour=flavour)
+        undo.pop_all()
+        undo.callback(machine.close)  # from here the Machine owns kvm, vm and memory
         machine.register_memory()
-    except BaseException:
-        machine.close()
-        raise
+        undo.pop_all()
     return machine
 
 

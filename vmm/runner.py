@@ -36,10 +36,7 @@ from vmm.errors import KvmError, VmmError
 from vmm.kvm import exits as kvm_exits
 from vmm.kvm.ioctl import ffi, lib
 from vmm.kvm.vcpu import Vcpu
-from vmm.outcome import (  # noqa: F401 (the statuses, re-exported: vmm.runner.EXIT_* is their old home)
-    EXIT_EMULATION_FAILURE, EXIT_GUEST_PANIC, EXIT_NO_STATUS, EXIT_TIMEOUT, EXIT_TRIPLE_FAULT,
-    EXIT_VMM_ERROR, Outcome, StopReason,
-)
+from vmm.outcome import EXIT_NO_STATUS, EXIT_TIMEOUT, EXIT_VMM_ERROR, Outcome, StopReason
 from vmm.stats import ExitStats
 
 # The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing:
@@ -211,10 +208,8 @@ class Runner:
         return self.dispatcher.dispatch(vcpu, exit) or self.stopping
 
     def _interrupted(self, vcpu: Vcpu) -> bool:
-        """KVM_RUN returned EINTR: stop if asked to, else carry on."""
-        if self.stopping:
-            return True
-        self._park()
+        """KVM_RUN returned EINTR: stop if asked to, wait out a pause, else carry on."""
+        self._park()  # returns at once unless a pause is pending
         if self.stopping:
             return True
         vcpu.clear_immediate_exit()
@@ -329,4 +324,4 @@ def install_stop_signals(runner: Runner) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-__all__ = ["Runner", "Outcome", "StopReason", "install_stop_signals"]
+__all__ = ["Runner", "install_stop_signals"]

@@ -183,7 +183,7 @@ class LinuxRun:
         return self.guest.machine
 
     def progress(self, line: str) -> None:
-        print(f"vmm: {line}", file=self.stderr, flush=True)
+        _progress(self.stderr, line)
 
     # --- build ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -191,12 +191,6 @@ class LinuxRun:
 
         events = GuestEvents(self.on_exit, self.on_reset, self.on_ready)
         self.guest = _make_guest(self.start, self.config, self.output, events, self.progress)
-        if isinstance(self.start, FromSnapshot):
-            try:
-                self.deliver(list(self.start.snapshot.meta.mailbox))
-            except BaseException:
-                self.machine.close()
-                raise
 
     # --- what the devices report -------------------------------------------------------------
     def on_exit(self, status: int) -> None:
@@ -262,7 +256,12 @@ class LinuxRun:
         return None
 
     def execute(self, stdin) -> Outcome:
-        """Run the vCPUs (under the profiler if asked) until the guest ends."""
+        """Run the vCPUs (under the profiler if asked) until the guest ends.
+
+        A restored guest waits at its ready point: its command goes in first.
+        """
+        if isinstance(self.start, FromSnapshot):
+            self.deliver(list(self.start.snapshot.meta.mailbox))
         if self.profile is not None:
             from vmm.profiler import Profiler
 
@@ -321,7 +320,7 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     options.update(recorder=recorder, stderr=stderr)
 
     def progress(line: str) -> None:
-        print(f"vmm: {line}", file=stderr, flush=True)
+        _progress(stderr, line)
 
     def loaded(directory: Path):
         snapshot = load_snapshot(directory)
@@ -363,12 +362,11 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
 def _warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]:
     """(the cached snapshot of this guest or None, its key; None if this KVM cannot have one)."""
     from vmm.builder import resolve_initrd, resolve_kernel
+    from vmm.kvm.capabilities import SNAPSHOT, missing
     from vmm.kvm.flavour import detect_flavour
     from vmm.kvm.system import Kvm
     from vmm.snapshot import cache
     from vmm.snapshot.state import HostIdentity
-
-    from vmm.kvm.capabilities import SNAPSHOT, missing
 
     kernel, _ = resolve_kernel(config, progress)
     initrd = resolve_initrd(config, progress)
@@ -381,6 +379,11 @@ def _warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]
         host = HostIdentity.of(kvm, detect_flavour())
     key = cache.cache_key(config, kernel, initrd, host)
     return cache.lookup(key), key
+
+
+def _progress(stderr: TextIO, line: str) -> None:
+    """What vmm says while it works (building, first runs): one `vmm:` line on stderr."""
+    print(f"vmm: {line}", file=stderr, flush=True)
 
 
 def _run_with_console(runner: Runner, guest, config: VmConfig, stdin, quirks) -> Outcome:

@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from vmm.kvm.flavour import cpu_model
+
 #: The order phases happen in on a normal run (a phase may be missing: a guest
 #: that never reaches init has no init_reached).
 PHASES = (
@@ -133,9 +135,6 @@ def process_start(cli_start: int | None = None) -> tuple[int | None, str]:
 
 
 # --- host and guest facts -------------------------------------------------------------
-
-from vmm.kvm.flavour import cpu_model  # noqa: E402 (re-exported: host facts)
-
 
 def host_facts() -> dict[str, Any]:
     """The machine a figure was measured on (printed with every benchmark)."""

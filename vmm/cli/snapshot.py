@@ -28,12 +28,12 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_no
     from pathlib import Path
 
     from vmm.errors import SnapshotError
-    from vmm.runner import StopReason
+    from vmm.outcome import StopReason
     from vmm.session import SaveAtReady, run_linux
+    from vmm.snapshot.save import check_target
 
     target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise SnapshotError(f"{target}: exists and is not empty; name a new directory or remove it")
+    check_target(target)  # now, not after the boot
     config = build_config(kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
                           disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop,
                           trace=trace, stats=stats, timeout=timeout, console_log=console_log)

@@ -13,7 +13,7 @@ from typing import Any
 from vmm.errors import KvmError
 from vmm.kvm._kvm import ffi, lib
 
-__all__ = ["ffi", "lib", "ioctl"]
+__all__ = ["ffi", "lib", "ioctl", "ioctl_read"]
 
 
 def ioctl(fd: int, name: str, arg: Any = 0) -> int:
@@ -30,3 +30,10 @@ def ioctl(fd: int, name: str, arg: Any = 0) -> int:
     if rc < 0:
         raise KvmError(name, ffi.errno)
     return rc
+
+
+def ioctl_read(fd: int, name: str, ctype: str, init: dict | None = None) -> Any:
+    """A new ``ctype`` (optionally with some fields set first) filled by ioctl ``name``: the KVM_GET_* shape."""
+    value = ffi.new(ctype + " *", init)
+    ioctl(fd, name, value)
+    return value

@@ -17,6 +17,12 @@ KVM_DEVICE = "/dev/kvm"
 _MAX_CPUID_ENTRIES = 256
 
 
+def cpuid_entries(cpuid) -> list[tuple[int, int, int, int, int, int, int]]:
+    """A filled ``struct kvm_cpuid2`` as (function, index, flags, eax, ebx, ecx, edx) tuples."""
+    return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in (cpuid.entries[i] for i in range(cpuid.nent))]
+
+
 class Kvm:
     """An open /dev/kvm. Creates VMs and answers questions about the host's KVM."""
 
@@ -74,10 +80,7 @@ class Kvm:
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": _MAX_CPUID_ENTRIES,
                                                 "entries": _MAX_CPUID_ENTRIES})
         ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid)
-        return [
-            (e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-            for e in (cpuid.entries[i] for i in range(cpuid.nent))
-        ]
+        return cpuid_entries(cpuid)
 
     def get_msr_index_list(self) -> list[int]:
         """KVM_GET_MSR_INDEX_LIST: every MSR a VMM should save and restore for a vCPU."""

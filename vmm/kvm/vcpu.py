@@ -11,7 +11,8 @@ import mmap
 import os
 from typing import TYPE_CHECKING, Any
 
-from vmm.kvm.ioctl import ffi, ioctl, lib
+from vmm.kvm.ioctl import ffi, ioctl, ioctl_read, lib
+from vmm.kvm.system import cpuid_entries
 
 if TYPE_CHECKING:
     from vmm.kvm.vm import Vm
@@ -40,25 +41,19 @@ class Vcpu:
         ioctl(self.fd, "KVM_RUN")
 
     def get_regs(self) -> Any:
-        regs = ffi.new("struct kvm_regs *")
-        ioctl(self.fd, "KVM_GET_REGS", regs)
-        return regs
+        return ioctl_read(self.fd, "KVM_GET_REGS", "struct kvm_regs")
 
     def set_regs(self, regs: Any) -> None:
         ioctl(self.fd, "KVM_SET_REGS", regs)
 
     def get_sregs(self) -> Any:
-        sregs = ffi.new("struct kvm_sregs *")
-        ioctl(self.fd, "KVM_GET_SREGS", sregs)
-        return sregs
+        return ioctl_read(self.fd, "KVM_GET_SREGS", "struct kvm_sregs")
 
     def set_sregs(self, sregs: Any) -> None:
         ioctl(self.fd, "KVM_SET_SREGS", sregs)
 
     def get_fpu(self) -> Any:
-        fpu = ffi.new("struct kvm_fpu *")
-        ioctl(self.fd, "KVM_GET_FPU", fpu)
-        return fpu
+        return ioctl_read(self.fd, "KVM_GET_FPU", "struct kvm_fpu")
 
     def set_fpu(self, fpu: Any) -> None:
         ioctl(self.fd, "KVM_SET_FPU", fpu)
@@ -75,8 +70,7 @@ class Vcpu:
         """KVM_GET_CPUID2: the table this vCPU was given, as KVM holds it."""
         cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": max_entries, "entries": max_entries})
         ioctl(self.fd, "KVM_GET_CPUID2", cpuid)
-        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
-                for e in (cpuid.entries[i] for i in range(cpuid.nent))]
+        return cpuid_entries(cpuid)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
@@ -93,50 +87,38 @@ class Vcpu:
         return ioctl(self.fd, "KVM_SET_MSRS", msrs)
 
     def get_vcpu_events(self) -> Any:
-        events = ffi.new("struct kvm_vcpu_events *")
-        ioctl(self.fd, "KVM_GET_VCPU_EVENTS", events)
-        return events
+        return ioctl_read(self.fd, "KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events")
 
     def set_vcpu_events(self, events: Any) -> None:
         ioctl(self.fd, "KVM_SET_VCPU_EVENTS", events)
 
     def get_mp_state(self) -> int:
-        state = ffi.new("struct kvm_mp_state *")
-        ioctl(self.fd, "KVM_GET_MP_STATE", state)
-        return state.mp_state
+        return ioctl_read(self.fd, "KVM_GET_MP_STATE", "struct kvm_mp_state").mp_state
 
     def set_mp_state(self, mp_state: int) -> None:
         ioctl(self.fd, "KVM_SET_MP_STATE", ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}))
 
     def get_lapic(self) -> Any:
-        lapic = ffi.new("struct kvm_lapic_state *")
-        ioctl(self.fd, "KVM_GET_LAPIC", lapic)
-        return lapic
+        return ioctl_read(self.fd, "KVM_GET_LAPIC", "struct kvm_lapic_state")
 
     def set_lapic(self, lapic: Any) -> None:
         ioctl(self.fd, "KVM_SET_LAPIC", lapic)
 
     def get_xsave(self) -> Any:
         """KVM_GET_XSAVE: x87, SSE and (where XCR0 enables them) AVX... registers, 4 KiB."""
-        xsave = ffi.new("struct kvm_xsave *")
-        ioctl(self.fd, "KVM_GET_XSAVE", xsave)
-        return xsave
+        return ioctl_read(self.fd, "KVM_GET_XSAVE", "struct kvm_xsave")
 
     def set_xsave(self, xsave: Any) -> None:
         ioctl(self.fd, "KVM_SET_XSAVE", xsave)
 
     def get_xcrs(self) -> Any:
-        xcrs = ffi.new("struct kvm_xcrs *")
-        ioctl(self.fd, "KVM_GET_XCRS", xcrs)
-        return xcrs
+        return ioctl_read(self.fd, "KVM_GET_XCRS", "struct kvm_xcrs")
 
     def set_xcrs(self, xcrs: Any) -> None:
         ioctl(self.fd, "KVM_SET_XCRS", xcrs)
 
     def get_debugregs(self) -> Any:
-        debugregs = ffi.new("struct kvm_debugregs *")
-        ioctl(self.fd, "KVM_GET_DEBUGREGS", debugregs)
-        return debugregs
+        return ioctl_read(self.fd, "KVM_GET_DEBUGREGS", "struct kvm_debugregs")
 
     def set_debugregs(self, debugregs: Any) -> None:
         ioctl(self.fd, "KVM_SET_DEBUGREGS", debugregs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from vmm.kvm.ioctl import ffi, ioctl, lib
+from vmm.kvm.ioctl import ffi, ioctl, ioctl_read, lib
 
 if TYPE_CHECKING:
     from vmm.kvm.system import Kvm
@@ -53,26 +53,20 @@ class Vm:
 
     def get_irqchip(self, chip_id: int) -> Any:
         """KVM_GET_IRQCHIP: one of the in-kernel PIC master, PIC slave or IOAPIC."""
-        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
-        ioctl(self.fd, "KVM_GET_IRQCHIP", chip)
-        return chip
+        return ioctl_read(self.fd, "KVM_GET_IRQCHIP", "struct kvm_irqchip", {"chip_id": chip_id})
 
     def set_irqchip(self, chip: Any) -> None:
         ioctl(self.fd, "KVM_SET_IRQCHIP", chip)
 
     def get_pit2(self) -> Any:
-        pit = ffi.new("struct kvm_pit_state2 *")
-        ioctl(self.fd, "KVM_GET_PIT2", pit)
-        return pit
+        return ioctl_read(self.fd, "KVM_GET_PIT2", "struct kvm_pit_state2")
 
     def set_pit2(self, pit: Any) -> None:
         ioctl(self.fd, "KVM_SET_PIT2", pit)
 
     def get_clock(self) -> Any:
         """KVM_GET_CLOCK: the VM's kvmclock (ns), what a paravirtual guest reads as time."""
-        clock = ffi.new("struct kvm_clock_data *")
-        ioctl(self.fd, "KVM_GET_CLOCK", clock)
-        return clock
+        return ioctl_read(self.fd, "KVM_GET_CLOCK", "struct kvm_clock_data")
 
     def set_clock(self, clock: Any) -> None:
         ioctl(self.fd, "KVM_SET_CLOCK", clock)

@@ -42,6 +42,13 @@ class SaveResult:
                 f"stored, state {self.state_bytes / 1024:.0f} KiB")
 
 
+def check_target(directory: Path) -> None:
+    """A snapshot goes into a new or empty directory: never over someone's files."""
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise SnapshotError(f"{directory}: exists and is not empty; "
+                            "name a new directory or remove this one")
+
+
 def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stored: int
             ) -> Snapshot:
     """The state values of a paused Linux guest (vmm.builder.LinuxGuest).
@@ -91,11 +98,10 @@ def save_snapshot(directory: Path, guest, config: VmConfig, mailbox: list[tuple[
     """
     start = time.perf_counter()
     directory = Path(directory)
-    if directory.exists() and not replace:
-        if not directory.is_dir() or any(directory.iterdir()):
-            raise SnapshotError(f"{directory}: exists and is not empty; "
-                                "name a new directory or remove this one")
-        directory.rmdir()
+    if not replace:
+        check_target(directory)
+        if directory.exists():
+            directory.rmdir()  # empty: the rename below puts the snapshot there
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -117,11 +123,10 @@ def save_snapshot(directory: Path, guest, config: VmConfig, mailbox: list[tuple[
             if not replace or not (directory / STATE_FILE).exists():
                 raise
             shutil.rmtree(staging, ignore_errors=True)  # another vmm saved it first
-    except OSError as e:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
-        raise SnapshotError(f"{directory}: cannot save the snapshot: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise SnapshotError(f"{directory}: cannot save the snapshot: {e.strerror or e}") from None
         raise
     return SaveResult(directory, state_bytes, snapshot.meta.memory_size, stored,
                       time.perf_counter() - start)
