@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from vmm.arch.x86_64 import cpu, layout
-from vmm.config import VmConfig
+from vmm.config import VmConfig, check_argv
 from vmm.devices.legacy import DebugExit, Sink
 from vmm.devices.serial import Serial16550
 from vmm.errors import LoaderError, UsageError, unreadable
@@ -135,8 +135,8 @@ DEFAULT_INITRAMFS_CMDLINE = ("rootfstype=ramfs",)
 
 def encode_argv(argv: tuple[str, ...]) -> str:
     """vmm.argv=...: each argument percent-encoded, separated by %00 (see images/init.c)."""
-    if any("\0" in arg for arg in argv):
-        raise UsageError("a command argument contains a NUL byte, which no argv can hold")
+    check_argv(argv)
+
     def encode(arg: str) -> str:
         out = []
         for byte in os.fsencode(arg):  # argv may hold undecodable bytes (surrogateescape)

@@ -55,6 +55,12 @@ def parse_notify_paths(text: str) -> tuple[NotifyPath, ...]:
     return paths
 
 
+def check_argv(argv: tuple[str, ...]) -> None:
+    """An argv the guest's /init can be given, whichever way it travels (command line or mailbox)."""
+    if any("\0" in arg for arg in argv):
+        raise UsageError("a command argument contains a NUL byte, which no argv can hold")
+
+
 @dataclass(frozen=True)
 class DiskConfig:
     path: str

@@ -36,11 +36,13 @@ DESCRIPTOR = struct.Struct("<QII")  # address, length, magic (written last)
 DESCRIPTOR_MAGIC = 0x524D4D56  # "VMMR"
 MAX_BUFFER = 1 << 20  # /init offers 64 KiB; anything over 1 MiB is nonsense
 
-REQUEST_HEADER = struct.Struct("<IHHIIqII64s")  # see struct request in vmm/images/init.c
+SEED_BYTES = 64
+# struct request in vmm/images/init.c: magic, version, flags, argc, argv bytes,
+# realtime seconds and nanoseconds, seed bytes, seed.
+REQUEST_HEADER = struct.Struct(f"<IHHIIqII{SEED_BYTES}s")
 REQUEST_MAGIC = 0x51524D56  # "VMRQ"
 REQUEST_VERSION = 1
 REQUEST_INTERACTIVE = 1
-SEED_BYTES = 64
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,9 @@ class Mailbox:
 def encode_request(argv: tuple[str, ...], *, interactive: bool = False,
                    now_ns: int | None = None, seed: bytes | None = None) -> bytes:
     """The request /init reads: header, then each argument NUL-terminated."""
-    if any("\0" in arg for arg in argv):
-        from vmm.errors import UsageError
+    from vmm.config import check_argv
 
-        raise UsageError("a command argument contains a NUL byte, which no argv can hold")
+    check_argv(argv)
     strings = b"".join(os.fsencode(arg) + b"\0" for arg in argv)
     now_ns = time.time_ns() if now_ns is None else now_ns
     seed = os.urandom(SEED_BYTES) if seed is None else seed

@@ -53,13 +53,13 @@ def describe(snapshot: Snapshot, directory: Path) -> str:
         f"  kernel            {meta.kernel}",
         f"  initrd            {meta.initrd or 'none'}",
         f"  cmdline           {meta.cmdline}",
-        f"  disks             " + (", ".join(
+        "  disks             " + (", ".join(
             f"{d.file.path} ({d.file.size} bytes{', read-only' if d.read_only else ''})"
             for d in meta.disks) or "none"),
         f"  mailbox           /init's request buffer: {sum(n for _, n in meta.mailbox)} bytes in "
         f"{len(meta.mailbox)} guest-physical piece(s), first at {meta.mailbox[0][0]:#x}"
         if meta.mailbox else "  mailbox           none",
-        f"  KVM capabilities  " + ", ".join(f"{k}={'yes' if v else 'no'}"
+        "  KVM capabilities  " + ", ".join(f"{k}={'yes' if v else 'no'}"
                                             for k, v in vars(meta.capabilities).items()),
     ]
     devices = snapshot.devices
@@ -90,7 +90,7 @@ def describe(snapshot: Snapshot, directory: Path) -> str:
         f"  PIC master, PIC slave, IOAPIC   {len(snapshot.vm.pic_master)} bytes each (struct kvm_irqchip)",
         f"  PIT                             {len(snapshot.vm.pit2)} bytes (struct kvm_pit_state2), "
         f"flags {pit.flags:#x}",
-        f"  kvmclock                        "
+        "  kvmclock                        "
         + (f"{from_bytes('struct kvm_clock_data', snapshot.vm.clock, 'clock').clock / 1e9:.3f} s"
            if snapshot.vm.clock else "not saved"),
     ]
@@ -113,7 +113,7 @@ def _describe_vcpu(vcpu) -> list[str]:
         f"rax={regs.rax:#x}",
         f"  sregs      cr0={sregs.cr0:#x} cr3={sregs.cr3:#x} cr4={sregs.cr4:#x} efer={sregs.efer:#x} "
         f"cs={sregs.cs.selector:#x} apic_base={sregs.apic_base:#x}",
-        f"  fpu        " + (f"XSAVE area, {len(vcpu.xsave)} bytes" if vcpu.xsave is not None
+        "  fpu        " + (f"XSAVE area, {len(vcpu.xsave)} bytes" if vcpu.xsave is not None
                             else f"struct kvm_fpu, {len(vcpu.fpu or b'')} bytes")
         + (", XCRs" if vcpu.xcrs is not None else "")
         + (", debug registers" if vcpu.debugregs is not None else ""),
