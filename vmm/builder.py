@@ -100,7 +100,8 @@ def build_firmware_vm(
         machine.vcpus.append(vcpu)
         # KVM checks its own CPUID table before letting the guest set EFER.LME:
         # without it the longmode payload's wrmsr takes a #GP (measured here).
-        vcpu.set_cpuid2(cpu.supported_cpuid(kvm, vcpu_id=0, cpus=1))
+        cpu.setup_cpuid(vcpu, kvm.get_supported_cpuid(),
+                        cpu.guest_cpus(kvm, vcpu, 1, machine.flavour)[0])
         cpu.setup_reset_vector(vcpu)
         machine.phases["kvm_ready"] = time.monotonic_ns()
         undo.pop_all()
@@ -370,10 +371,14 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
     for address, page in cpu.identity_page_tables().items():
         memory.write(address, page)
 
-    # 5. vCPUs: CPUID (own APIC id each), MSRs, FPU, LAPIC wiring; the BSP at the entry.
+    # 5. vCPUs: CPUID (vmm/arch/x86_64/cpuid.py: own APIC id each, the VM's topology,
+    #    timers), MSRs, FPU, LAPIC wiring; the BSP at the entry.
+    supported = machine.kvm.get_supported_cpuid()
+    models = None
     for vcpu_id in range(config.cpus):
         vcpu = machine.vm.create_vcpu(vcpu_id)
-        vcpu.set_cpuid2(cpu.supported_cpuid(machine.kvm, vcpu_id, config.cpus))
+        models = models or cpu.guest_cpus(machine.kvm, vcpu, config.cpus, machine.flavour)
+        cpu.setup_cpuid(vcpu, supported, models[vcpu_id])
         cpu.setup_msrs(vcpu)  # raises naming an MSR KVM refused
         cpu.setup_fpu(vcpu)
         cpu.setup_lint(vcpu)

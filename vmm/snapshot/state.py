@@ -58,7 +58,7 @@ class HostIdentity:
 
 
 def cpuid_digest(kvm) -> str:
-    from vmm.arch.x86_64.cpu import cpuid_features
+    from vmm.arch.x86_64.cpuid import cpuid_features
 
     return hexdigest(repr(cpuid_features(kvm.get_supported_cpuid())).encode())
 

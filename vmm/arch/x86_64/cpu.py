@@ -10,51 +10,25 @@ Two starting points:
 
 from __future__ import annotations
 
-from vmm.arch.x86_64 import layout
+from vmm.arch.x86_64 import cpuid, layout
 from vmm.kvm.system import Kvm
 from vmm.kvm.vcpu import Vcpu
 
-# CPUID leaves we edit.
-CPUID_FEATURES = 0x1
-CPUID_EXT_FEATURES = 0x7
-CPUID_TOPOLOGY = 0xB
-CPUID_FEATURES_ECX_HYPERVISOR = 1 << 31
-CPUID_FEATURES_ECX_X2APIC = 1 << 21
+def guest_cpus(kvm: Kvm, bsp: Vcpu, cpus: int, flavour) -> list["cpuid.GuestCpu"]:
+    """What decides each vCPU's CPUID table, from this KVM (vmm/arch/x86_64/cpuid.py)."""
+    from vmm.kvm.flavour import Flavour
+    from vmm.kvm.ioctl import lib
+
+    tsc_khz = bsp.get_tsc_khz() if kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ) else None
+    deadline = bool(kvm.check_extension(lib.KVM_CAP_TSC_DEADLINE_TIMER))
+    return [cpuid.GuestCpu(vcpu_id, cpus, paravirt=flavour is not Flavour.PVM,
+                           tsc_deadline=deadline, tsc_khz=tsc_khz or None)
+            for vcpu_id in range(cpus)]
 
 
-def supported_cpuid(kvm: Kvm, vcpu_id: int, cpus: int) -> list[tuple[int, int, int, int, int, int, int]]:
-    """KVM's supported CPUID, made per-vCPU: each vCPU's own APIC id and count."""
-    entries = []
-    for function, index, flags, eax, ebx, ecx, edx in kvm.get_supported_cpuid():
-        if function == CPUID_FEATURES:
-            # EBX[31:24] initial APIC id, EBX[23:16] logical processors per package.
-            ebx = (ebx & 0x0000FFFF) | (vcpu_id << 24) | (max(cpus, 1) << 16)
-            edx |= 1 << 28  # HTT: the count in EBX[23:16] is valid
-        elif function == CPUID_TOPOLOGY:
-            edx = vcpu_id  # x2APIC id of this logical processor
-        entries.append((function, index, flags, eax, ebx, ecx, edx))
-    return entries
-
-
-# Fields of KVM_GET_SUPPORTED_CPUID that name the host CPU the ioctl ran on,
-# not a feature: they change from call to call (measured: leaf 1's APIC id and
-# leaf 0xB's x2APIC id differ between two runs on the same host).
-_PER_CPU_FIELDS = {
-    CPUID_FEATURES: (0, 0xFFFF, 0, 0),  # EBX[31:16]: APIC id, logical count
-    CPUID_TOPOLOGY: (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0),  # EDX: x2APIC id
-    0x1F: (0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0),  # EDX: x2APIC id (v2 topology)
-    0x8000001E: (0, 0, 0, 0),  # AMD topology: extended APIC id, core and node ids
-}
-
-
-def cpuid_features(entries) -> list[tuple[int, int, int, int, int, int, int]]:
-    """A CPUID table without its per-CPU identity fields: what says "the same CPU model"."""
-    out = []
-    for function, index, flags, eax, ebx, ecx, edx in entries:
-        keep = _PER_CPU_FIELDS.get(function, (0xFFFFFFFF,) * 4)
-        out.append((function, index, flags, eax & keep[0], ebx & keep[1], ecx & keep[2],
-                    edx & keep[3]))
-    return out
+def setup_cpuid(vcpu: Vcpu, supported: list[cpuid.Entry], guest: "cpuid.GuestCpu") -> None:
+    """KVM_SET_CPUID2 with vmm's normalized table for this vCPU."""
+    vcpu.set_cpuid2(cpuid.normalize(supported, guest).entries)
 
 
 def setup_reset_vector(vcpu: Vcpu) -> None:
