@@ -66,6 +66,7 @@ class Mapping:
     length: int
     device: Device
     name: str
+    offset: int = 0  # the device's offset at ``base`` (a device seen through several windows)
 
     @property
     def end(self) -> int:
@@ -83,10 +84,12 @@ class Bus:
         self.unhandled: Counter[int] = Counter()  # address → accesses to no device
         self.accesses: Counter[int] = Counter()  # address → accesses dispatched here
 
-    def register(self, base: int, length: int, device: Device, name: str = "") -> None:
+    def register(self, base: int, length: int, device: Device, name: str = "", *,
+                 offset: int = 0) -> None:
+        """Map [base, base+length) to ``device``, which sees offsets from ``offset`` up."""
         if length <= 0:
             raise ValueError(f"{self.kind} range at {base:#x} has length {length}")
-        new = Mapping(base, length, device, name or type(device).__name__)
+        new = Mapping(base, length, device, name or type(device).__name__, offset)
         i = bisect.bisect_left(self._bases, base)
         for neighbour in self._mappings[max(i - 1, 0) : i + 1]:
             if neighbour.base < new.end and new.base < neighbour.end:
@@ -96,7 +99,7 @@ class Bus:
                 )
         self._mappings.insert(i, new)
         self._bases.insert(i, base)
-        if hasattr(device, "fast_path_rules"):
+        if hasattr(device, "fast_path_rules") and device not in self._fast_devices:
             self._fast_devices.append(device)
 
     def find(self, address: int, size: int = 1) -> Mapping | None:
@@ -115,7 +118,7 @@ class Bus:
         if mapping is None:
             self.unhandled[address] += 1
             return b"\xff" * size
-        return mapping.device.read(address - mapping.base, size)
+        return mapping.device.read(address - mapping.base + mapping.offset, size)
 
     def write(self, address: int, data: bytes) -> None:
         self.accesses[address] += 1
@@ -123,7 +126,7 @@ class Bus:
         if mapping is None:
             self.unhandled[address] += 1
             return
-        mapping.device.write(address - mapping.base, data)
+        mapping.device.write(address - mapping.base + mapping.offset, data)
 
     def mappings(self) -> list[Mapping]:
         return list(self._mappings)
@@ -138,7 +141,8 @@ class Bus:
         for m in self._mappings:
             offer = getattr(m.device, "fast_path_rules", None)
             if offer is not None:
-                rules.extend((m.base + rule.offset, rule) for rule in offer())
+                rules.extend((m.base + rule.offset - m.offset, rule) for rule in offer()
+                             if m.offset <= rule.offset < m.offset + m.length)
         return rules
 
     def fast_path_generation(self) -> int:

@@ -47,8 +47,8 @@ class Vm:
     def create_irqchip(self) -> None:
         ioctl(self.fd, "KVM_CREATE_IRQCHIP")
 
-    def create_pit2(self) -> None:
-        config = ffi.new("struct kvm_pit_config *", {"flags": 0})
+    def create_pit2(self, flags: int = 0) -> None:
+        config = ffi.new("struct kvm_pit_config *", {"flags": flags})
         ioctl(self.fd, "KVM_CREATE_PIT2", config)
 
     def get_irqchip(self, chip_id: int) -> Any:

@@ -1,0 +1,59 @@
+"""The PC platform a Linux guest gets from KVM and vmm: the PIT's speaker port, i8042 windows."""
+
+from __future__ import annotations
+
+import pytest
+
+from vmm.arch.x86_64 import layout
+from vmm.config import VmConfig
+from vmm.kvm.exits import IoExit, decode_exit
+from vmm.memory import GuestMemory
+
+MiB = 1 << 20
+CODE = 0x1000
+
+# Real mode at 0000:1000: gate PIT channel 2 through port 0x61, read 0x61 back,
+# then show what was read on the POST port (an exit to vmm).
+#   mov al, 1 ; out 0x61, al ; in al, 0x61 ; out 0x80, al ; hlt
+SPEAKER_PROBE = bytes.fromhex("b001" "e661" "e461" "e680" "f4")
+
+
+@pytest.mark.kvm
+def test_port_0x61_is_the_pit_speaker_port_in_the_kernel():
+    """KVM_PIT_SPEAKER_DUMMY: 0x61 is answered by KVM (no exit), with the gate we set."""
+    from vmm.builder import create_linux_machine
+
+    machine = create_linux_machine(VmConfig(mem=2 * MiB), GuestMemory([(0, 2 * MiB)]))
+    try:
+        machine.memory.write(CODE, SPEAKER_PROBE)
+        vcpu = machine.vm.create_vcpu(0)
+        machine.vcpus.append(vcpu)
+        sregs = vcpu.get_sregs()
+        sregs.cs.base, sregs.cs.selector = 0, 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip, regs.rflags = CODE, 0x2
+        vcpu.set_regs(regs)
+        vcpu.run()
+        exit = decode_exit(vcpu.run_struct)
+    finally:
+        machine.close()
+    assert isinstance(exit, IoExit), exit
+    assert (exit.port, exit.is_write) == (layout.POST_PORT, True)  # 0x61 never left KVM
+    value = exit.data[0]
+    assert value & 0x01  # the channel-2 gate we wrote reads back
+    assert value != 0xFF  # not an absent port
+
+
+def test_i8042_is_two_windows_around_port_0x61():
+    from vmm.devices.bus import Bus
+    from vmm.devices.i8042 import COMMAND, DATA, I8042, STATUS_OUTPUT_FULL
+
+    bus = Bus("pio")
+    i8042 = I8042(lambda: None)
+    bus.register(layout.I8042_DATA_PORT, 1, i8042, "i8042", offset=DATA)
+    bus.register(layout.I8042_COMMAND_PORT, 1, i8042, "i8042", offset=COMMAND)
+    bus.write(layout.I8042_COMMAND_PORT, b"\xaa")  # self-test
+    assert bus.read(layout.I8042_COMMAND_PORT, 1)[0] & STATUS_OUTPUT_FULL
+    assert bus.read(layout.I8042_DATA_PORT, 1) == b"\x55"
+    assert bus.find(0x61) is None and bus.find(0x62) is None
