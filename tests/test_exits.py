@@ -243,19 +243,39 @@ def test_device_that_is_not_kvm_is_one_vmm_error():
 
 
 # --- flavour -----------------------------------------------------------------------------
-@pytest.mark.parametrize("modules, flavour", [
-    ([], "unknown"),
-    (["kvm"], "unknown"),
-    (["kvm", "kvm_intel"], "intel"),
-    (["kvm", "kvm_amd"], "amd"),
-    (["kvm", "kvm_pvm"], "pvm"),
-    (["kvm", "kvm_intel", "kvm_pvm"], "pvm"),  # PVM wins: it is the one in use
+@pytest.mark.parametrize("modules, flags, flavour", [
+    ([], "fpu", "unknown"),
+    (["kvm"], "fpu vmx", "unknown"),
+    (["kvm", "kvm_intel"], "fpu vmx", "intel"),
+    (["kvm", "kvm_amd"], "fpu svm", "amd"),
+    (["kvm", "kvm_pvm"], "fpu", "pvm"),
+    # A built-in kvm_intel without VT-x (a cloud VM) failed its init: PVM serves /dev/kvm.
+    (["kvm", "kvm_intel", "kvm_pvm"], "fpu hypervisor", "pvm"),
+    (["kvm", "kvm_intel"], "fpu hypervisor", "unknown"),
+    # Both could be active and /dev/kvm does not say: PVM's settings are safe on either.
+    (["kvm", "kvm_intel", "kvm_pvm"], "fpu vmx", "pvm"),
 ])
-def test_detect_flavour(tmp_path, modules, flavour):
+def test_detect_flavour(tmp_path, modules, flags, flavour):
+    sys_module = tmp_path / "module"
     for module in modules:
-        (tmp_path / module).mkdir()
-    assert detect_flavour(tmp_path) == flavour
+        (sys_module / module).mkdir(parents=True)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert detect_flavour(sys_module, cpuinfo) == flavour
     assert flavour in DESCRIPTIONS
+
+
+def test_flavour_evidence_says_what_it_ruled_out(tmp_path):
+    from vmm.kvm.flavour import flavour_evidence
+
+    for module in ("kvm_intel", "kvm_pvm"):
+        (tmp_path / module).mkdir()
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu hypervisor\n")
+    evidence = flavour_evidence(tmp_path, cpuinfo)
+    assert evidence.modules == ("kvm_pvm", "kvm_intel")
+    assert len(evidence.ruled_out) == 1 and "kvm_intel (no 'vmx'" in evidence.ruled_out[0]
+    assert "only vendor module" in evidence.why
 
 
 def test_device_that_is_not_kvm_leaks_no_file_descriptor():

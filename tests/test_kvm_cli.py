@@ -133,6 +133,39 @@ def test_check_reports_a_usable_kvm():
     assert "MISSING" not in out
 
 
+def test_check_cpuid_prints_the_guest_table_with_vmms_changes():
+    """vmm check --cpuid: this host's KVM table for vCPU 1 of 2, with every change explained."""
+    from vmm.cli import main
+    from vmm.kvm.flavour import Flavour, detect_flavour
+
+    result = CliRunner().invoke(main, ["check", "--cpuid", "--cpus", "2", "--vcpu", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("CPUID of vCPU 1 of a 2-vCPU guest") for line in lines)
+    leaf1 = next(line for line in lines if line.startswith("0x00000001.0 "))
+    assert int(re.search(r"ebx=([0-9a-f]{8})", leaf1)[1], 16) >> 24 == 1  # vCPU 1's APIC id
+    assert int(re.search(r"edx=([0-9a-f]{8})", leaf1)[1], 16) & (1 << 28)  # HTT: 2 vCPUs
+    core = next(line for line in lines if line.startswith("0x0000000b.1 "))
+    assert "ebx=00000002" in core and "edx=00000001" in core  # 2 cores, x2APIC id 1
+    hypervisor = int(re.search(r"ecx=([0-9a-f]{8})", leaf1)[1], 16) & (1 << 31)
+    if detect_flavour() is Flavour.PVM:
+        assert not hypervisor and not any(line.startswith("0x40000000.0  eax") for line in lines)
+    else:
+        assert hypervisor and any(line.startswith("0x40000000.0  eax") for line in lines)
+    summary = re.search(r"^(\d+) leaves, (\d+) changed by vmm$", result.output, re.M)
+    assert summary and int(summary[2]) > 0
+    assert all(line.split(":", 1)[1].strip() for line in lines
+               if re.match(r"^    (eax|ebx|ecx|edx): ", line))  # every change has a reason
+
+
+def test_check_cpuid_refuses_a_vcpu_the_guest_does_not_have():
+    from vmm.cli import main
+
+    result = CliRunner().invoke(main, ["check", "--cpuid", "--cpus", "2", "--vcpu", "2"])
+    assert result.exit_code == 2
+    assert "--vcpu 2: a 2-vCPU guest has vCPUs 0-1" in result.output
+
+
 def test_check_names_the_flavour_of_this_host():
     from vmm.kvm.flavour import detect_flavour
 

@@ -57,3 +57,43 @@ def test_i8042_is_two_windows_around_port_0x61():
     assert bus.read(layout.I8042_COMMAND_PORT, 1)[0] & STATUS_OUTPUT_FULL
     assert bus.read(layout.I8042_DATA_PORT, 1) == b"\x55"
     assert bus.find(0x61) is None and bus.find(0x62) is None
+
+
+# --- only PVM gets PVM's options ----------------------------------------------------------
+def _cmdline(flavour, kernel=None) -> list[str]:
+    from types import SimpleNamespace
+
+    from vmm.builder import linux_cmdline
+
+    machine = SimpleNamespace(flavour=flavour)
+    devices = SimpleNamespace(cmdline=["virtio_mmio.device=4K@0xd0000000:5"])
+    config = VmConfig(kernel=kernel, command=("true",))
+    return str(linux_cmdline(config, machine, devices, 4096, mailbox=False)).split()
+
+
+@pytest.mark.parametrize("flavour", ["intel", "amd", "unknown"])
+@pytest.mark.parametrize("kernel", [None, "/boot/vmlinuz-other"])
+def test_no_pvm_option_reaches_a_non_pvm_command_line(flavour, kernel):
+    from vmm.arch.x86_64 import pvm
+    from vmm.kvm.flavour import Flavour
+
+    options = _cmdline(Flavour(flavour), kernel)
+    names = {option.split("=", 1)[0] for option in options}
+    for option in pvm.PVM_CMDLINE:
+        assert option.split("=", 1)[0] not in names, option
+    assert "hypervisor" not in " ".join(options)
+    ours = kernel is None
+    # Our kernel's PVM patches: off, explicitly; another kernel never hears of them.
+    assert ("pvm_syscall_fixup=0" in options) == ours
+    assert ("pvm_brk_populate=0" in options) == ours
+    if not ours:
+        assert not any(option.startswith("pvm_") for option in options)
+
+
+def test_pvm_command_line_has_the_workarounds_and_keeps_the_patches_on():
+    from vmm.arch.x86_64 import pvm
+    from vmm.kvm.flavour import Flavour
+
+    options = _cmdline(Flavour.PVM)
+    assert all(option in options for option in pvm.PVM_CMDLINE)
+    assert not any(option.startswith("pvm_") for option in options)  # patches default on

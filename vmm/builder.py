@@ -22,7 +22,7 @@ from vmm.devices.legacy import DebugExit, Sink
 from vmm.devices.serial import Serial16550
 from vmm.errors import LoaderError, UsageError, unreadable
 from vmm.kvm.capabilities import FIRMWARE, LINUX, require
-from vmm.kvm.flavour import Flavour, detect_flavour
+from vmm.kvm.flavour import detect_flavour
 from vmm.kvm.system import Kvm
 from vmm.machine import Machine
 from vmm.memory import GuestMemory
@@ -345,8 +345,7 @@ def linux_cmdline(config: VmConfig, machine: Machine, devices: LinuxDevices, lim
     if not config.console_log:
         cmdline.add(*QUIET_CMDLINE)
     cmdline.add(*devices.cmdline)
-    if machine.flavour is Flavour.PVM:
-        cmdline.add(*pvm.cmdline_options())
+    cmdline.add(*pvm.cmdline_options(machine.flavour, our_kernel=config.kernel is None))
     cmdline.add(config.cmdline)
     if mailbox:
         cmdline.add("vmm.mailbox")  # /init waits at its ready point for the command

@@ -226,11 +226,10 @@ def guest_cmdline() -> str:
     """The kernel command line vmm gives its default guest running `echo LINE`."""
     from vmm.arch.x86_64 import pvm
     from vmm.builder import BASE_CMDLINE, DEFAULT_INITRAMFS_CMDLINE, QUIET_CMDLINE, encode_argv
-    from vmm.kvm.flavour import Flavour, detect_flavour
+    from vmm.kvm.flavour import detect_flavour
 
     options = list(BASE_CMDLINE + DEFAULT_INITRAMFS_CMDLINE + QUIET_CMDLINE)
-    if detect_flavour() is Flavour.PVM:
-        options += list(pvm.cmdline_options())
+    options += list(pvm.cmdline_options(detect_flavour(), our_kernel=True))
     options.append(encode_argv(("echo", LINE)))
     return " ".join(options)
 

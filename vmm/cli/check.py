@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import click
 
 @click.command()
-def check() -> None:
+@click.option("--cpuid", "show_cpuid", is_flag=True,
+              help="Print the CPUID table a guest's vCPU gets, leaf by leaf, with vmm's changes.")
+@click.option("--cpus", default=1, show_default=True, type=click.IntRange(1, 8),
+              help="With --cpuid: the VM's vCPU count.")
+@click.option("--vcpu", default=0, show_default=True, type=click.IntRange(0, 7),
+              help="With --cpuid: which vCPU's table.")
+def check(show_cpuid: bool, cpus: int, vcpu: int) -> None:
     """Report /dev/kvm, its API version, flavour and capabilities. Exit 0 if a VM can run."""
     from vmm.errors import VmmError
     from vmm.kvm.capabilities import CAPABILITIES, FIRMWARE, LINUX, SNAPSHOT
-    from vmm.kvm.flavour import DESCRIPTIONS, Flavour, detect_flavour
+    from vmm.kvm.flavour import DESCRIPTIONS, Flavour, flavour_evidence
     from vmm.kvm.ioctl import lib
     from vmm.kvm.system import Kvm
 
-    flavour = detect_flavour()
+    evidence = flavour_evidence()
+    flavour = evidence.flavour
+    if show_cpuid and vcpu >= cpus:
+        raise click.UsageError(f"--vcpu {vcpu}: a {cpus}-vCPU guest has vCPUs 0-{cpus - 1}")
     click.echo(f"kvm: {flavour}  ({DESCRIPTIONS[flavour]})")
+    click.echo(f"  modules: {', '.join(evidence.modules) or 'none'}; {evidence.why}")
+    for reason in evidence.ruled_out:
+        click.echo(f"  ruled out: {reason}")
     try:
         kvm = Kvm()
     except VmmError as e:
         click.echo(f"/dev/kvm: NOT USABLE: {e}")
         sys.exit(1)
+    if show_cpuid:
+        with kvm:
+            _print_cpuid(kvm, flavour, cpus, vcpu)
+        return
     missing: list[str] = []
     no_snapshots: list[str] = []
     with kvm:
@@ -53,3 +70,22 @@ def check() -> None:
         click.echo(f"cannot run VMs: missing {', '.join(missing)} (a newer host kernel may have them)")
         sys.exit(1)
     click.echo("ready: this host can run vmm guests")
+
+
+def _print_cpuid(kvm, flavour, cpus: int, vcpu: int) -> None:
+    from vmm.arch.x86_64 import cpu, cpuid
+    from vmm.kvm.flavour import Flavour
+
+    with contextlib.closing(kvm.create_vm()) as vm, contextlib.closing(vm.create_vcpu(0)) as bsp:
+        model = cpu.guest_cpus(kvm, bsp, cpus, flavour)[vcpu]
+    table = cpuid.normalize(kvm.get_supported_cpuid(), model)
+    click.echo(f"CPUID of vCPU {vcpu} of a {cpus}-vCPU guest: KVM_GET_SUPPORTED_CPUID with vmm's "
+               f"changes (vmm/arch/x86_64/cpuid.py); TSC {model.tsc_khz or '?'} kHz, "
+               f"TSC-deadline {'yes' if model.tsc_deadline else 'no'}")
+    if flavour is Flavour.PVM:
+        click.echo("note: on PVM the guest kernel reads this table (its cpuid runs in KVM's "
+                   "emulator), user code the host's own CPUID; clearcpuid= hides what the emulator "
+                   "cannot run")
+    for line in cpuid.describe(table):
+        click.echo(line)
+    click.echo(f"{len(table.entries)} leaves, {len(table.changes)} changed by vmm")

@@ -9,6 +9,7 @@ which workarounds vmm applies (see vmm/arch/x86_64/pvm.py) and is printed by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
@@ -29,19 +30,74 @@ FLAVOURS = {
     "kvm_intel": Flavour.INTEL,
     "kvm_amd": Flavour.AMD,
 }
+# The CPU flag a hardware vendor module cannot initialise without. A built-in
+# kvm_intel keeps its /sys/module entry (its parameters) even when its init
+# failed for want of VT-x, e.g. in a cloud VM without nested virtualization.
+NEEDS_CPU_FLAG = {Flavour.INTEL: "vmx", Flavour.AMD: "svm"}
+CPUINFO = Path("/proc/cpuinfo")
 
 
-def detect_flavour(sys_module: Path = SYS_MODULE) -> Flavour:
-    """PVM, INTEL, AMD or UNKNOWN, from the loaded KVM vendor module.
+@dataclass(frozen=True)
+class FlavourEvidence:
+    """What decided the flavour, for `vmm check` to show."""
 
-    PVM wins when several are loaded: a host can load kvm_intel for nothing
-    (no VT-x exposed) and kvm_pvm for real; PVM's behaviour is what we must
-    accommodate then.
+    flavour: Flavour
+    modules: tuple[str, ...]  # vendor modules present in /sys/module
+    ruled_out: tuple[str, ...]  # ... that cannot be serving /dev/kvm, and why
+    why: str
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The first CPU's flags in /proc/cpuinfo (empty if unreadable)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def flavour_evidence(sys_module: Path = SYS_MODULE, cpuinfo: Path = CPUINFO) -> FlavourEvidence:
+    """Which vendor module serves /dev/kvm, as far as the host shows it.
+
+    /dev/kvm itself does not say: it is one misc device of kvm.ko whichever
+    vendor module registered with it (/proc/misc: "232 kvm"), and a built-in
+    module has no holders or refcount in /sys/module. What can be known: which
+    vendor modules exist, and whether the CPU has the feature a hardware one
+    needs. Upstream Linux lets one vendor module register at a time (a second
+    fails with EEXIST), so one candidate left is the answer. If PVM and a
+    hardware module both remain, PVM is assumed: its workarounds also work on
+    hardware KVM (slower), while hardware settings hang a PVM guest (vmcall).
     """
-    for module, name in FLAVOURS.items():
-        if (sys_module / module).exists():
-            return name
-    return Flavour.UNKNOWN
+    modules = tuple(m for m in FLAVOURS if (sys_module / m).exists())
+    # Read only when a hardware module is there to check (every VM start asks).
+    flags = cpu_flags(cpuinfo) if any(FLAVOURS[m] in NEEDS_CPU_FLAG for m in modules) else frozenset()
+    candidates, ruled_out = [], []
+    for module in modules:
+        flag = NEEDS_CPU_FLAG.get(FLAVOURS[module])
+        if flag and flags and flag not in flags:
+            ruled_out.append(f"{module} (no '{flag}' in /proc/cpuinfo: its init cannot have succeeded)")
+        else:
+            candidates.append(module)
+    if not candidates:
+        return FlavourEvidence(Flavour.UNKNOWN, modules, tuple(ruled_out),
+                               "no KVM vendor module that can be active")
+    if len(candidates) == 1:
+        why = f"{candidates[0]} is the only vendor module that can be active"
+        return FlavourEvidence(FLAVOURS[candidates[0]], modules, tuple(ruled_out), why)
+    if "kvm_pvm" in candidates:
+        why = (f"{' and '.join(candidates)} are all present and /dev/kvm does not say which one "
+               "serves it: assumed PVM, whose workarounds are safe on either")
+        return FlavourEvidence(Flavour.PVM, modules, tuple(ruled_out), why)
+    why = f"{' and '.join(candidates)} both present (upstream KVM allows one): took the first"
+    return FlavourEvidence(FLAVOURS[candidates[0]], modules, tuple(ruled_out), why)
+
+
+def detect_flavour(sys_module: Path = SYS_MODULE, cpuinfo: Path = CPUINFO) -> Flavour:
+    """PVM, INTEL, AMD or UNKNOWN: see :func:`flavour_evidence`."""
+    return flavour_evidence(sys_module, cpuinfo).flavour
 
 
 def cpu_model() -> str:

@@ -60,6 +60,18 @@ FEATURES_ECX_HYPERVISOR = 1 << 31
 FEATURES_EDX_HTT = 1 << 28
 EXT_FEATURES_ECX_TOPOEXT = 1 << 22
 
+LEAF_NAMES = {
+    0x0: "max basic leaf, vendor", 0x1: "family/model, APIC id, features", 0x2: "cache descriptors",
+    0x4: "cache parameters (Intel)", 0x6: "thermal and power", 0x7: "structured features",
+    0xB: "x2APIC topology", 0xD: "XSAVE state", 0x15: "TSC/crystal ratio (Intel)",
+    0x16: "processor frequency (Intel)", 0x1F: "x2APIC topology v2",
+    0x40000000: "hypervisor signature", 0x40000001: "KVM PV features",
+    0x40000010: "TSC and APIC bus frequency", 0x80000000: "max extended leaf, vendor",
+    0x80000001: "extended features", 0x80000002: "brand string", 0x80000003: "brand string",
+    0x80000004: "brand string", 0x80000008: "address sizes, core count (AMD)",
+    0x8000001D: "cache topology (AMD)", 0x8000001E: "core/node ids (AMD)",
+}
+
 # kvm_cpuid_entry2.flags: the index (subleaf) is significant.
 FLAG_SIGNIFCANT_INDEX = 1
 
@@ -338,3 +350,24 @@ def cpuid_features(entries: list[Entry]) -> list[Entry]:
         out.append((function, index, flags, eax & keep[0], ebx & keep[1], ecx & keep[2],
                     edx & keep[3]))
     return out
+
+
+def describe(table: CpuTable) -> list[str]:
+    """The table leaf by leaf, each change under its leaf with the reason (vmm check --cpuid)."""
+    by_leaf: dict[tuple[int, int], list[Change]] = {}
+    for change in table.changes:
+        by_leaf.setdefault((change.function, change.index), []).append(change)
+    lines = []
+    for function, index, _flags, *values in table.entries:
+        name = LEAF_NAMES.get(function, "")
+        registers = "  ".join(f"{r}={v:08x}" for r, v in zip(REGISTERS, values))
+        lines.append(f"{function:#010x}.{index:<2} {registers}  {name}".rstrip())
+        for change in by_leaf.pop((function, index), []):
+            if change.register:
+                lines.append(f"    {change.register}: {change.old:08x} -> {change.new:08x}  {change.why}")
+            else:
+                lines.append(f"    {change.why}")
+    for (function, index), changes in sorted(by_leaf.items()):  # removed leaves
+        for change in changes:
+            lines.append(f"{function:#010x}.{index:<2} {change.why}")
+    return lines

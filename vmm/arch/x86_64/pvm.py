@@ -88,9 +88,22 @@ PVM_COST_OPTIONS = (
 
 PVM_CMDLINE = ("noxsave", "clearcpuid=" + ",".join(PVM_HIDDEN_FEATURES), *PVM_COST_OPTIONS)
 
+# Our guest kernel's PVM patches (guest-kernel/patches/0001, 0003) default to on
+# so that a plain `vmm run` works here; on any other KVM they are turned off
+# explicitly: the syscall fix-up is inert on hardware (it recognises a fault
+# only PVM produces) and brk pre-population is a PVM workaround that costs
+# memory elsewhere. Only our kernel knows them (another kernel would hand the
+# unknown options to /init as environment variables).
+OUR_KERNEL_ELSEWHERE = ("pvm_syscall_fixup=0", "pvm_brk_populate=0")
 
-def cmdline_options() -> tuple[str, ...]:
-    return PVM_CMDLINE
+
+def cmdline_options(flavour, our_kernel: bool) -> tuple[str, ...]:
+    """The PVM-specific part of a Linux guest's command line for this KVM flavour."""
+    from vmm.kvm.flavour import Flavour
+
+    if flavour is Flavour.PVM:
+        return PVM_CMDLINE
+    return OUR_KERNEL_ELSEWHERE if our_kernel else ()
 
 
 class PvmQuirks:
