@@ -213,3 +213,20 @@ def test_pause_stops_every_vcpu_after_its_last_exit_and_resumes_exactly(runloop)
     # The bench port: one read of the count, then exactly `count` writes.
     bench = runner.stats.by_place[("io", "fast" if runloop == "c" else "out", BENCH_PORT)]
     assert bench == count + (1 if runloop == "c" else 0)
+
+
+@pytest.mark.parametrize("mem", [3 * 1024 * MiB, 8 * 1024 * MiB])
+def test_firmware_ram_is_split_around_the_gap_like_linux(mem):
+    """--firmware X --mem 8G: RAM below 3 GiB and from 4 GiB, KVM's TSS pages free in the gap."""
+    from vmm.arch.x86_64 import layout
+    from vmm.builder import build_firmware_vm
+
+    machine = build_firmware_vm(VmConfig(mem=mem, firmware="longmode"), io.BytesIO().write,
+                                lambda status: None)
+    try:
+        regions = [(r.start, r.size) for r in machine.memory]
+    finally:
+        machine.close()
+    assert regions == layout.ram_ranges(mem)
+    result, out, _err = run("longmode", "c", mem=mem)
+    assert result.status == 0 and b"long mode" in out

@@ -18,7 +18,8 @@ from vmm.images.cpio import CpioWriter
 from vmm.loader.bootparams import build_zero_page
 from vmm.loader.bzimage import SETUP_HEADER_OFFSET, parse_bzimage
 from vmm.loader.cmdline import Cmdline
-from vmm.loader.e820 import E820_RAM, E820_RESERVED, e820_map, ram_ranges
+from vmm.arch.x86_64.layout import ram_ranges
+from vmm.loader.e820 import E820_RAM, E820_RESERVED, e820_map
 from vmm.loader.elf import parse_elf
 from vmm.loader.pvh import HVM_START_MAGIC, build_start_info
 

@@ -81,10 +81,13 @@ def build_firmware_vm(
         require(kvm, FIRMWARE)
         vm = kvm.create_vm()
         undo.callback(vm.close)
-        # Intel needs a 3-page TSS area for real mode (KVM_SET_TSS_ADDR); harmless elsewhere.
-        vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
-        # 2. Guest RAM.
-        machine = Machine(kvm, vm, GuestMemory([(0, config.mem)]), flavour=detect_flavour())
+        # 2. Guest RAM, split around the 3-4 GiB gap as a PC's is; in the gap the
+        #    pages Intel's real-mode emulation needs (KVM_SET_TSS_ADDR, identity map).
+        ram = layout.ram_ranges(config.mem)
+        tss, identity_map = layout.kvm_private_pages(ram)
+        vm.set_tss_addr(tss)
+        vm.set_identity_map_addr(identity_map)
+        machine = Machine(kvm, vm, GuestMemory(ram), flavour=detect_flavour())
         undo.pop_all()
         undo.callback(machine.close)  # from here the Machine owns kvm, vm and memory
         machine.register_memory()
@@ -234,7 +237,7 @@ def build_linux_vm(
     stops at its ready point instead (vmm/devices/mailbox.py), where the VM
     can be saved and a request delivered.
     """
-    from vmm.loader.e820 import ram_ranges
+    from vmm.arch.x86_64.layout import ram_ranges
 
     # 0. The guest's files, read and checked before KVM is touched.
     kernel_path, system_map = resolve_kernel(config, progress)
@@ -270,8 +273,9 @@ def create_linux_machine(config: VmConfig, memory: GuestMemory) -> Machine:
                              f"{min(kvm.max_vcpus(), mptable_max_cpus())}")
         vm = kvm.create_vm()
         undo.callback(vm.close)
-        vm.set_tss_addr(layout.KVM_TSS_ADDRESS)
-        vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDRESS)
+        tss, identity_map = layout.kvm_private_pages([(r.start, r.size) for r in memory])
+        vm.set_tss_addr(tss)
+        vm.set_identity_map_addr(identity_map)
         vm.create_irqchip()
         # The PIT with its speaker port (0x61) in the kernel: a guest that calibrates
         # its TSC or LAPIC timer against the PIT gates channel 2 and polls its output

@@ -12,22 +12,13 @@ E820_RAM = 1
 E820_RESERVED = 2
 
 
-def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
-    """(start, size) of guest RAM for a VM of ``mem_size`` bytes: split around the gap."""
-    below = min(mem_size, layout.MMIO_GAP_START)
-    ranges = [(0, below)]
-    if mem_size > below:
-        ranges.append((layout.MMIO_GAP_END, mem_size - below))
-    return ranges
-
-
 def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
     """(address, size, type) entries describing guest memory to the kernel."""
     entries = [
         (0, layout.EBDA_START, E820_RAM),
         (layout.EBDA_START, layout.HIGH_MEMORY - layout.EBDA_START, E820_RESERVED),
     ]
-    for start, size in ram_ranges(mem_size):
+    for start, size in layout.ram_ranges(mem_size):
         if start == 0:
             if size > layout.HIGH_MEMORY:
                 entries.append((layout.HIGH_MEMORY, size - layout.HIGH_MEMORY, E820_RAM))

@@ -118,7 +118,7 @@ def restore_linux_vm(directory: Path, snapshot: Snapshot, config: VmConfig, outp
     """
     from vmm.builder import LinuxGuest, add_linux_devices, create_linux_machine
     from vmm.kvm.state import restore_vcpu, restore_vm
-    from vmm.loader.e820 import ram_ranges
+    from vmm.arch.x86_64.layout import ram_ranges
     from vmm.memory import GuestMemory
 
     directory = Path(directory)

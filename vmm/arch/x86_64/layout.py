@@ -50,18 +50,60 @@ KERNEL_LOAD = 0x1000000  # 16 MiB: default bzImage/vmlinux load address
 # The 32-bit MMIO gap below 4 GiB: RAM that would overlap it moves above 4 GiB.
 MMIO_GAP_START = 0xC000_0000  # 3 GiB
 MMIO_GAP_END = 0x1_0000_0000  # 4 GiB
-# KVM needs 3 pages of guest-physical space for the TSS and one for the
-# identity map page table used by real-mode emulation; both in the gap.
+# Intel CPUs without "unrestricted guest" run a guest's real mode as vm86
+# under a TSS (3 pages) and an identity-map page table (1 page) that KVM keeps
+# in guest-physical space, as memory slots of its own: they must not overlap
+# RAM or any MMIO window. They sit in the gap, below the IOAPIC and LAPIC;
+# kvm_private_pages() places them once the RAM is known and checks that.
 KVM_TSS_ADDRESS = 0xFFFB_D000
+KVM_TSS_SIZE = 3 * 0x1000
 KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000
+KVM_IDENTITY_MAP_SIZE = 0x1000
 LAPIC_BASE = 0xFEE0_0000
+LAPIC_SIZE = 0x1000
 IOAPIC_BASE = 0xFEC0_0000
+IOAPIC_SIZE = 0x1000
 
 # virtio-mmio devices: one 4 KiB window each, from the bottom of the gap.
 VIRTIO_MMIO_BASE = 0xD000_0000
 VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_MMIO_IRQ_BASE = 5  # IRQ 5, 6, 7, ... one per device, in order
 VIRTIO_MMIO_MAX_DEVICES = 8
+
+
+def ram_ranges(mem_size: int) -> list[tuple[int, int]]:
+    """(start, size) of guest RAM for a VM of ``mem_size`` bytes: split around the gap."""
+    below = min(mem_size, MMIO_GAP_START)
+    ranges = [(0, below)]
+    if mem_size > below:
+        ranges.append((MMIO_GAP_END, mem_size - below))
+    return ranges
+
+
+def gap_windows() -> list[tuple[str, int, int]]:
+    """(name, start, size) of everything vmm and KVM place in the gap below 4 GiB."""
+    return [
+        ("virtio-mmio windows", VIRTIO_MMIO_BASE, VIRTIO_MMIO_MAX_DEVICES * VIRTIO_MMIO_SIZE),
+        ("KVM identity map", KVM_IDENTITY_MAP_ADDRESS, KVM_IDENTITY_MAP_SIZE),
+        ("KVM TSS", KVM_TSS_ADDRESS, KVM_TSS_SIZE),
+        ("IOAPIC", IOAPIC_BASE, IOAPIC_SIZE),
+        ("LAPIC", LAPIC_BASE, LAPIC_SIZE),
+    ]
+
+
+def kvm_private_pages(ram: list[tuple[int, int]]) -> tuple[int, int]:
+    """(TSS address, identity-map address) for a VM with this RAM, checked to be free.
+
+    Called with the VM's RAM ranges before KVM_SET_TSS_ADDR: a RAM slot over
+    these pages would make KVM's own slots fail (EEXIST) on Intel hosts that
+    need them, and only there: the mistake would go unseen on AMD and PVM.
+    """
+    for name, start, size in gap_windows():
+        for ram_start, ram_size in ram:
+            if start < ram_start + ram_size and ram_start < start + size:
+                raise ValueError(f"guest RAM {ram_start:#x}+{ram_size:#x} overlaps the {name} "
+                                 f"at {start:#x}")
+    return KVM_TSS_ADDRESS, KVM_IDENTITY_MAP_ADDRESS
 
 # --- Firmware (our own assembly payloads) ----------------------------------------
 # Like a PC's BIOS ROM: the image ends at 1 MiB and the vCPU starts at the reset
