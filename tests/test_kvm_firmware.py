@@ -36,7 +36,8 @@ SPIN_IMAGE = bytes.fromhex("baf803" "b072" "ee" "b00a" "ee" "ebfe").ljust(16, b"
 
 def run(name, runloop, **kwargs):
     bench_count = kwargs.pop("bench_count", 0)
-    config = VmConfig(mem=2 * MiB, firmware=str(name), runloop=runloop, **kwargs)
+    kwargs.setdefault("mem", 2 * MiB)
+    config = VmConfig(firmware=str(name), runloop=runloop, **kwargs)
     out, err = io.BytesIO(), io.StringIO()
     result = run_firmware(config, stdout=out, stderr=err, bench_count=bench_count,
                           handle_signals=False)
