@@ -110,7 +110,7 @@ def test_x2apic_topology_leaves(host, cpus):
             assert (core["eax"] & 0x1F, core["ebx"], core["ecx"] >> 8) == (shift, cpus, 2)
             assert (end["ebx"], end["ecx"] >> 8, end["ecx"] & 0xFF) == (0, 0, 2)
             assert smt["edx"] == core["edx"] == end["edx"] == n  # x2APIC id
-            assert all(x["flags"] & cpuid.FLAG_SIGNIFCANT_INDEX for x in (smt, core, end))
+            assert all(x["flags"] & cpuid.FLAG_SIGNIFICANT_INDEX for x in (smt, core, end))
             assert not has(table.entries, function, 3)
 
 

@@ -1,6 +1,7 @@
 """vCPU state for the first instruction: registers, segments, CPUID, MSRs.
 
-Two starting points:
+The CPUID table itself is worked out in cpuid.py (no KVM there, so it can be
+tested on recorded tables); here it is fetched and set. Two starting points:
 
 * the reset vector (firmware): 16-bit real mode at F000:FFF0, as a PC's CPU
   comes out of reset;

@@ -73,7 +73,7 @@ LEAF_NAMES = {
 }
 
 # kvm_cpuid_entry2.flags: the index (subleaf) is significant.
-FLAG_SIGNIFCANT_INDEX = 1
+FLAG_SIGNIFICANT_INDEX = 1
 
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 # KVM's LAPIC timer counts at 1 GHz (APIC_BUS_CYCLE_NS = 1): the crystal
@@ -261,10 +261,10 @@ def _topology(table: _Table, guest: GuestCpu) -> None:
         for index in table.subleaves(leaf):
             if index > 2:
                 del table.leaves[leaf, index]
-        table.put(leaf, 0, FLAG_SIGNIFCANT_INDEX, (0, 1, TOPOLOGY_LEVEL_SMT << 8, apic_id), why)
-        table.put(leaf, 1, FLAG_SIGNIFCANT_INDEX,
+        table.put(leaf, 0, FLAG_SIGNIFICANT_INDEX, (0, 1, TOPOLOGY_LEVEL_SMT << 8, apic_id), why)
+        table.put(leaf, 1, FLAG_SIGNIFICANT_INDEX,
                   (shift, guest.cpus, (TOPOLOGY_LEVEL_CORE << 8) | 1, apic_id), why)
-        table.put(leaf, 2, FLAG_SIGNIFCANT_INDEX, (0, 0, (TOPOLOGY_LEVEL_INVALID << 8) | 2, apic_id),
+        table.put(leaf, 2, FLAG_SIGNIFICANT_INDEX, (0, 0, (TOPOLOGY_LEVEL_INVALID << 8) | 2, apic_id),
                   why)
     if table.vendor() != AMD:
         return
