@@ -180,14 +180,16 @@ def test_mailbox_ignores_hostile_descriptors(descriptor, offsets) -> None:
 
 def test_request_layout_is_what_init_reads() -> None:
     request = encode_request(("echo", "a b", "ü"), now_ns=1_700_000_000_123_456_789, seed=b"\x01" * 64)
-    assert REQUEST_HEADER.size == 96  # init.c static-asserts sizeof(struct request) against this
-    magic, version, flags, argc, argv_bytes, sec, nsec, seed_bytes, seed = REQUEST_HEADER.unpack_from(request)
-    assert (magic, version, flags, argc) == (REQUEST_MAGIC, 1, 0, 3)
+    assert REQUEST_HEADER.size == 104  # init.c static-asserts sizeof(struct request) against this
+    (magic, version, flags, argc, argv_bytes, sec, nsec, seed_bytes, seed, settings_bytes,
+     _reserved) = REQUEST_HEADER.unpack_from(request)
+    assert (magic, version, flags, argc, settings_bytes) == (REQUEST_MAGIC, 2, 0, 3, 0)
     assert (sec, nsec, seed_bytes, seed) == (1_700_000_000, 123_456_789, 64, b"\x01" * 64)
     assert request[REQUEST_HEADER.size:] == "echo\0a b\0ü\0".encode() and argv_bytes == len("echo\0a b\0ü\0".encode())
     assert REQUEST_HEADER.unpack_from(encode_request((), interactive=True))[2] == 1
-    assert encode_request(("x",))[REQUEST_HEADER.size - SEED_BYTES:REQUEST_HEADER.size] != \
-        encode_request(("x",))[REQUEST_HEADER.size - SEED_BYTES:REQUEST_HEADER.size]
+    seed_at = REQUEST_HEADER.size - 8 - SEED_BYTES  # the seed, then settings bytes and reserved
+    assert encode_request(("x",))[seed_at:seed_at + SEED_BYTES] != \
+        encode_request(("x",))[seed_at:seed_at + SEED_BYTES]
     with pytest.raises(UsageError, match="NUL"):
         encode_request(("a\0b",))
 

@@ -107,6 +107,15 @@ class SaveAtReady:
 
 
 @dataclass(frozen=True)
+class BootToReady:
+    """Boot the kernel to /init's ready point and deliver the request there (no snapshot).
+
+    What an OCI container's VMM does (vmm/oci/monitor.py): the VM is created, then
+    waits at the ready point for `start`.
+    """
+
+
+@dataclass(frozen=True)
 class FromSnapshot:
     """Restore a saved VM and deliver the command to its waiting /init."""
 
@@ -121,7 +130,8 @@ def _make_guest(start, config: VmConfig, output, events, progress):
         return restore_linux_vm(start.directory, start.snapshot, config, output, events)
     from vmm.builder import build_linux_vm
 
-    return build_linux_vm(config, output, events, progress, mailbox=isinstance(start, SaveAtReady))
+    return build_linux_vm(config, output, events, progress,
+                          mailbox=isinstance(start, (SaveAtReady, BootToReady)))
 
 
 def run_linux(

@@ -38,10 +38,10 @@ MAX_BUFFER = 1 << 20  # /init offers 64 KiB; anything over 1 MiB is nonsense
 
 SEED_BYTES = 64
 # struct request in vmm/images/init.c: magic, version, flags, argc, argv bytes,
-# realtime seconds and nanoseconds, seed bytes, seed.
-REQUEST_HEADER = struct.Struct(f"<IHHIIqII{SEED_BYTES}s")
+# realtime seconds and nanoseconds, seed bytes, seed, settings bytes, reserved.
+REQUEST_HEADER = struct.Struct(f"<IHHIIqII{SEED_BYTES}sII")
 REQUEST_MAGIC = 0x51524D56  # "VMRQ"
-REQUEST_VERSION = 1
+REQUEST_VERSION = 2  # 2: container settings after the arguments
 REQUEST_INTERACTIVE = 1
 
 
@@ -94,20 +94,29 @@ class Mailbox:
 
 # --- the request, and where it goes -----------------------------------------------------
 def encode_request(argv: tuple[str, ...], *, interactive: bool = False,
-                   now_ns: int | None = None, seed: bytes | None = None) -> bytes:
-    """The request /init reads: header, then each argument NUL-terminated."""
+                   now_ns: int | None = None, seed: bytes | None = None,
+                   settings: tuple[str, ...] = ()) -> bytes:
+    """The request /init reads: header, each argument NUL-terminated, then the settings.
+
+    ``settings``: "key=value" strings for a container's process (vmm/oci/guest.py
+    makes them; init.c's parse_settings reads them).
+    """
     from vmm.config import check_argv
 
     check_argv(argv)
+    for setting in settings:
+        if "\0" in setting or "=" not in setting:
+            raise ValueError(f"container setting {setting!r}: not key=value without NUL")
     strings = b"".join(os.fsencode(arg) + b"\0" for arg in argv)
+    extra = b"".join(os.fsencode(setting) + b"\0" for setting in settings)
     now_ns = time.time_ns() if now_ns is None else now_ns
     seed = os.urandom(SEED_BYTES) if seed is None else seed
     header = REQUEST_HEADER.pack(
         REQUEST_MAGIC, REQUEST_VERSION, REQUEST_INTERACTIVE if interactive else 0,
         len(argv), len(strings), now_ns // 1_000_000_000, now_ns % 1_000_000_000,
-        len(seed), seed,
+        len(seed), seed, len(extra), 0,
     )
-    return header + strings
+    return header + strings + extra
 
 
 def buffer_extents(translate: Callable[[int], int | None], address: int, length: int

@@ -37,7 +37,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <grp.h>
 #include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/sysmacros.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
 #include <sys/wait.h>
@@ -100,6 +103,8 @@ struct request {
     uint32_t realtime_nsec;
     uint32_t seed_bytes;
     uint8_t seed[REQUEST_SEED_BYTES];  /* fresh host entropy for this run's CRNG */
+    uint32_t settings_bytes;  /* container settings after the arguments (0: none) */
+    uint32_t reserved;
     char argv[];
 };
 /* The layouts vmm writes (vmm/devices/mailbox.py): a mismatch fails the build. */
@@ -217,21 +222,26 @@ static int running_from_initramfs(void)
     return statfs("/", &fs) == 0 && (fs.f_type == RAMFS_MAGIC || fs.f_type == TMPFS_MAGIC);
 }
 
-static void enter_root(const char *device, int read_only)
+/* Mount a disk at /newroot, trying the usual file system types. */
+static void mount_root(const char *device, int read_only)
 {
     static const char *types[] = {"ext4", "ext3", "ext2", "btrfs", "xfs", "vfat", NULL};
     int why = ENODEV;  /* ENODEV: "no such file system type"; report a more telling errno */
     mkdir("/newroot", 0755);
     for (const char **t = types; *t; t++) {
         if (mount(device, "/newroot", *t, read_only ? MS_RDONLY : 0, NULL) == 0)
-            goto mounted;
+            return;
         if (why == ENODEV || why == EINVAL)  /* EINVAL: not this type's superblock */
             why = errno;
     }
     dprintf(2, "vmm-init: cannot mount root %s%s: %s\n", device,
             read_only ? " read-only" : "", strerror(why));
     finish(126);
-mounted:
+}
+
+static void enter_root(const char *device, int read_only)
+{
+    mount_root(device, read_only);
     /* Give the new root the same /proc, /sys, /dev. */
     mount_or_warn("proc", "/newroot/proc", "proc");
     mount_or_warn("sysfs", "/newroot/sys", "sysfs");
@@ -261,6 +271,7 @@ static struct request *wait_for_request(void)
     if (request->magic != REQUEST_MAGIC /* "VMRQ" */ || request->version != REQUEST_VERSION ||
         request->seed_bytes > sizeof(request->seed) ||
         request->argv_bytes > sizeof(mailbox) - sizeof(*request) ||
+        request->settings_bytes > sizeof(mailbox) - sizeof(*request) - request->argv_bytes ||
         request->argc >= MAX_ARGS) {
         dprintf(2, "vmm-init: mailbox: no valid request from vmm\n");
         return NULL;
@@ -310,6 +321,207 @@ static int request_argv(struct request *request, char **argv)
 }
 
 /*
+ * Container settings (vmm/oci/: an OCI bundle run as a VM). They follow the
+ * arguments in the request as NUL-terminated "key=value" strings; the host
+ * has already turned config.json into these, mount options into MS_* flags:
+ *
+ *   root=DEV  root_ro=1      the container's root file system, a disk
+ *   mount=TYPE\tSOURCE\tTARGET\tFLAGS\tDATA   in the order given, under the root
+ *   hostname=NAME  cwd=DIR   env=NAME=VALUE (the whole environment)
+ *   rlimit=RESOURCE SOFT HARD  groups=G,G  gid=G  uid=U
+ *
+ * The parent parses them in place (no allocation: the child of vfork may
+ * only make system calls); the child applies them in the order runc does:
+ * mounts, hostname, chroot, cwd, rlimits, groups, gid, uid, exec.
+ */
+#define MAX_ENV 256
+#define MAX_MOUNTS 32
+#define MAX_RLIMITS 16
+#define MAX_GROUPS 32
+
+struct container_mount {
+    char *type, *source, *target, *data;
+    unsigned long flags;
+};
+
+struct container {
+    int active;
+    char *root;
+    int root_ro;
+    char *hostname, *cwd;
+    char *env[MAX_ENV + 1];
+    int envc;
+    struct container_mount mounts[MAX_MOUNTS];
+    int mountc;
+    struct { int resource; struct rlimit limit; } rlimits[MAX_RLIMITS];
+    int rlimitc;
+    gid_t groups[MAX_GROUPS];
+    int groupc;
+    uid_t uid;
+    gid_t gid;
+};
+
+static struct container container;
+extern char **environ;
+
+/* Split s at the next tab (in place); return what follows, or NULL. */
+static char *next_field(char *s)
+{
+    char *tab = s ? strchr(s, '\t') : NULL;
+    if (!tab)
+        return NULL;
+    *tab = '\0';
+    return tab + 1;
+}
+
+static int parse_settings(char *p, char *end, struct container *c)
+{
+    c->active = 1;
+    while (p < end) {
+        char *nul = memchr(p, '\0', (size_t)(end - p));
+        if (!nul)
+            return -1;
+        char *value = strchr(p, '=');
+        if (!value)
+            return -1;
+        *value++ = '\0';
+        if (!strcmp(p, "root")) {
+            c->root = value;
+        } else if (!strcmp(p, "root_ro")) {
+            c->root_ro = 1;
+        } else if (!strcmp(p, "hostname")) {
+            c->hostname = value;
+        } else if (!strcmp(p, "cwd")) {
+            c->cwd = value;
+        } else if (!strcmp(p, "env")) {
+            if (c->envc >= MAX_ENV)
+                return -1;
+            c->env[c->envc++] = value;
+        } else if (!strcmp(p, "uid")) {
+            c->uid = (uid_t)strtoul(value, NULL, 10);
+        } else if (!strcmp(p, "gid")) {
+            c->gid = (gid_t)strtoul(value, NULL, 10);
+        } else if (!strcmp(p, "groups")) {
+            for (char *g = value; *g && c->groupc < MAX_GROUPS; g += strcspn(g, ",") + (g[strcspn(g, ",")] == ',')) 
+                c->groups[c->groupc++] = (gid_t)strtoul(g, NULL, 10);
+        } else if (!strcmp(p, "rlimit")) {
+            if (c->rlimitc >= MAX_RLIMITS)
+                return -1;
+            char *soft, *hard;
+            int resource = (int)strtol(value, &soft, 10);
+            c->rlimits[c->rlimitc].resource = resource;
+            c->rlimits[c->rlimitc].limit.rlim_cur = strtoull(soft, &hard, 10);
+            c->rlimits[c->rlimitc].limit.rlim_max = strtoull(hard, NULL, 10);
+            c->rlimitc++;
+        } else if (!strcmp(p, "mount")) {
+            if (c->mountc >= MAX_MOUNTS)
+                return -1;
+            struct container_mount *m = &c->mounts[c->mountc];
+            m->type = value;
+            m->source = next_field(m->type);
+            m->target = next_field(m->source);
+            char *flags = next_field(m->target);
+            m->data = next_field(flags);
+            if (!m->data || m->target[0] != '/')
+                return -1;
+            m->flags = strtoul(flags, NULL, 10);
+            c->mountc++;
+        } else {
+            return -1;
+        }
+        p = nul + 1;
+    }
+    c->env[c->envc] = NULL;
+    return 0;
+}
+
+/* mkdir -p of path (a private copy: the child may not touch shared buffers). */
+static void make_dirs(const char *path)
+{
+    char buf[PATH_MAX];
+    size_t len = strlen(path);
+    if (len >= sizeof(buf))
+        return;
+    memcpy(buf, path, len + 1);
+    for (char *s = buf + 1; *s; s++) {
+        if (*s == '/') {
+            *s = '\0';
+            mkdir(buf, 0755);
+            *s = '/';
+        }
+    }
+    mkdir(buf, 0755);
+}
+
+/* What runc puts in a container's /dev when config.json mounts a tmpfs there. */
+static void populate_dev(const char *dev)  /* "/newroot/dev" */
+{
+    static const struct { const char *name; unsigned major, minor; } nodes[] = {
+        {"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9},
+        {"tty", 5, 0},
+    };
+    static const struct { const char *name, *to; } links[] = {
+        {"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"}, {"stdout", "/proc/self/fd/1"},
+        {"stderr", "/proc/self/fd/2"}, {"ptmx", "pts/ptmx"},
+    };
+    char path[PATH_MAX + 16];
+    for (size_t i = 0; i < sizeof(nodes) / sizeof(nodes[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", dev, nodes[i].name);
+        mknod(path, S_IFCHR | 0666, makedev(nodes[i].major, nodes[i].minor));
+        chmod(path, 0666);  /* mknod's mode is masked by the umask */
+    }
+    for (size_t i = 0; i < sizeof(links) / sizeof(links[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s", dev, links[i].name);
+        symlink(links[i].to, path);
+    }
+}
+
+static void fail(const char *what, const char *detail)
+{
+    dprintf(2, "vmm-init: %s %s: %s\n", what, detail, strerror(errno));
+    _exit(126);
+}
+
+/* In the child: become the container's process, up to (not including) the exec. */
+static void enter_container(const struct container *c)
+{
+    char path[PATH_MAX];
+    for (int i = 0; i < c->mountc; i++) {
+        const struct container_mount *m = &c->mounts[i];
+        snprintf(path, sizeof(path), "/newroot%s", m->target);
+        make_dirs(path);
+        if (mount(m->source, path, m->type, m->flags, m->data[0] ? m->data : NULL) < 0)
+            fail("mount", m->target);
+        if (!strcmp(m->type, "tmpfs") && !strcmp(m->target, "/dev"))
+            populate_dev(path);
+    }
+    if (c->hostname && sethostname(c->hostname, strlen(c->hostname)) < 0)
+        fail("sethostname", c->hostname);
+    if (chroot("/newroot") < 0)
+        fail("chroot", c->root);
+    if (chdir(c->cwd ? c->cwd : "/") < 0)
+        fail("chdir", c->cwd ? c->cwd : "/");
+    for (int i = 0; i < c->rlimitc; i++)
+        if (setrlimit(c->rlimits[i].resource, &c->rlimits[i].limit) < 0)
+            fail("setrlimit", "");
+    if (setgroups((size_t)c->groupc, c->groups) < 0)
+        fail("setgroups", "");
+    if (setgid(c->gid) < 0)
+        fail("setgid", "");
+    if (setuid(c->uid) < 0)
+        fail("setuid", "");
+}
+
+/* $PATH of an environment (NULL-terminated NAME=VALUE list), or NULL. */
+static const char *env_path(char *const *env)
+{
+    for (; env && *env; env++)
+        if (!strncmp(*env, "PATH=", 5))
+            return *env + 5;
+    return NULL;
+}
+
+/*
  * The program execvp would run, found with stat(): execvp tries execve in
  * each PATH directory, and on Linux a failed execve still sets up and tears
  * down a new address space before it looks for the file (measured on PVM:
@@ -317,11 +529,10 @@ static int request_argv(struct request *request, char **argv)
  * a set of credentials each time (~3 ms). Returns name itself when it holds
  * a '/', NULL when no directory has it.
  */
-static const char *find_program(const char *name, char *buf, size_t size)
+static const char *find_program(const char *name, const char *dirs, char *buf, size_t size)
 {
     if (strchr(name, '/'))
         return name;
-    const char *dirs = getenv("PATH");
     while (dirs && *dirs) {
         size_t len = strcspn(dirs, ":");
         if (len && len + 1 + strlen(name) < size) {
@@ -359,6 +570,14 @@ int main(void)
     if (cmdline_flag(cmdline, "vmm.mailbox") && (request = wait_for_request()) != NULL) {
         become_new_machine(request);
         interactive = (request->flags & REQUEST_INTERACTIVE) || request_argv(request, argv) == 0;
+        if (request->settings_bytes) {
+            char *settings = request->argv + request->argv_bytes;
+            if (parse_settings(settings, settings + request->settings_bytes, &container) < 0 ||
+                !container.root) {
+                dprintf(2, "vmm-init: mailbox: bad container settings from vmm\n");
+                finish(126);
+            }
+        }
     } else {
         interactive = !cmdline_value(cmdline, "vmm.argv", encoded, sizeof(encoded));
         if (!interactive)
@@ -384,6 +603,16 @@ int main(void)
     int root_given = cmdline_value(cmdline, "vmm.root", root, sizeof(root)) ||
                      cmdline_value(cmdline, "root", root, sizeof(root));
     disk_root = !from_initramfs ? "/" : root_given ? "/newroot" : NULL;
+    /* A container's process gets exactly its own environment and PATH. */
+    char *const *envp = environ;
+    const char *search = getenv("PATH");
+    if (container.active) {
+        disk_root = "/newroot";
+        envp = container.env;
+        search = env_path(container.env);
+        if (!search)
+            search = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    }
 
     /* vfork, not fork: the child borrows our memory until it execs, so the
      * kernel copies no page tables and nothing takes copy-on-write faults
@@ -393,16 +622,22 @@ int main(void)
     static char path[PATH_MAX];
     pid_t child = vfork();
     if (child == 0) {
-        if (from_initramfs && root_given)
+        if (container.active) {
+            mount_root(container.root, container.root_ro);
+            enter_container(&container);
+        } else if (from_initramfs && root_given) {
             enter_root(root, cmdline_flag(cmdline, "ro"));
+        }
         if (interactive) {
             /* A session with the console as controlling tty: job control, ^C. */
             setsid();
             ioctl(0, TIOCSCTTY, 1);
         }
-        const char *program = find_program(args[0], path, sizeof(path));
+        const char *program = find_program(args[0], search, path, sizeof(path));
         if (program)
-            execv(program, args);
+            execve(program, args, envp);
+        else if (container.active)
+            errno = ENOENT;  /* a container has only its own programs */
         else if (strchr(args[0], '/') == NULL)
             /* The initramfs links only a few applets (each link costs boot
              * time); busybox runs any other by its argv[0]. */

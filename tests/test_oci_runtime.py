@@ -1,0 +1,247 @@
+"""vmm-runtime, the runc-compatible command line: an OCI bundle run as a VM.
+
+Without KVM: the container store, the settings /init receives, the request
+that carries them, and bad input (nothing left behind in --root). With KVM
+(two cold boots, ~11 s each on our PVM CI host): the runc flows on a busybox
+bundle, create / state / start / state / delete and create / start / kill.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.guest import BOOT_TIMEOUT
+from tests.test_oci_spec import CONTAINERD_LIKE
+from vmm.devices import mailbox
+from vmm.oci import guest
+from vmm.oci.spec import load_bundle
+from vmm.oci.store import ContainerError, Record, Status, Store, check_id, oci_state
+
+RUNTIME = [sys.executable, "-m", "vmm.oci"]
+APPLETS = "sh echo cat hostname id pwd env ls sleep mount sort grep head".split()
+
+
+def runtime(root: Path, *args: str, log: Path | None = None, timeout: float = 60,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
+    options = ["--root", str(root)]
+    if log is not None:
+        options += ["--log", str(log), "--log-format", "json"]
+    return subprocess.run([*RUNTIME, *options, *args], stdout=stdout, stderr=stderr,
+                          timeout=timeout)
+
+
+def make_bundle(directory: Path, args: list[str], **process) -> Path:
+    """A bundle whose rootfs is our static busybox and a few applet links."""
+    from vmm.images.initramfs import default_busybox
+
+    rootfs = directory / "rootfs"
+    for sub in ("bin", "proc", "sys", "dev", "tmp", "etc", "work"):
+        (rootfs / sub).mkdir(parents=True, exist_ok=True)
+    shutil.copy(default_busybox(), rootfs / "bin" / "busybox")
+    for applet in APPLETS:
+        os.symlink("busybox", rootfs / "bin" / applet)
+    config = json.loads(json.dumps(CONTAINERD_LIKE))
+    config["process"].update(args=args, **process)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+# --- without KVM --------------------------------------------------------------------------
+def test_ids_follow_runcs_rule():
+    assert check_id("abc-1.2_x+y") == "abc-1.2_x+y"
+    for bad in ("", "a/b", "..", "a b", "x\0"):
+        with pytest.raises(ContainerError):
+            check_id(bad)
+
+
+def test_store_refuses_an_id_twice_and_reports_dead_vmms_as_stopped(tmp_path):
+    store = Store(tmp_path / "root")
+    _, record = store.reserve("c1", tmp_path)
+    with pytest.raises(ContainerError, match="container with id exists: c1"):
+        store.reserve("c1", tmp_path)
+    record.status, record.pid, record.pid_start = Status.RUNNING, os.getpid(), 1  # wrong start time
+    store.save(record)
+    assert store.load("c1").status is Status.STOPPED  # a reused pid is not our VMM
+    state = oci_state(store.load("c1"))
+    assert state["status"] == "stopped" and state["pid"] == 0 and state["ociVersion"]
+    with pytest.raises(ContainerError, match="container does not exist: c2"):
+        store.load("c2")
+
+
+def test_settings_carry_the_process_and_kernel_mounts(tmp_path):
+    host_file = tmp_path / "resolv.conf"
+    host_file.write_text("nameserver 127.0.0.1\n")
+    bundle = make_bundle(tmp_path / "b", ["true"], cwd="/work",
+                         user={"uid": 5, "gid": 6, "additionalGids": [7, 8]})
+    config = json.loads((bundle / "config.json").read_text())
+    config["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind",
+                             "source": str(host_file), "options": ["rbind", "ro"]})
+    (bundle / "config.json").write_text(json.dumps(config))
+    settings = guest.settings(load_bundle(bundle))
+    assert settings[0] == "root=/dev/vda"
+    mounts = [s.removeprefix("mount=").split("\t") for s in settings if s.startswith("mount=")]
+    by_target = {m[2]: m for m in mounts}
+    assert set(by_target) == {"/proc", "/dev", "/dev/pts", "/dev/shm", "/sys", "/run"}  # no mqueue
+    proc_type, _, _, proc_flags, _ = by_target["/proc"]
+    assert proc_type == "proc" and int(proc_flags) == guest.MS_NOSUID | guest.MS_NOEXEC | guest.MS_NODEV
+    assert int(by_target["/sys"][3]) & guest.MS_RDONLY
+    assert by_target["/dev/pts"][4] == "newinstance,ptmxmode=0666,mode=0620,gid=5"
+    assert [s for s in settings if s.startswith(("cwd", "gid", "uid", "groups", "hostname"))] == [
+        "hostname=box", "cwd=/work", "groups=7,8", "gid=6", "uid=5"]
+    assert "rlimit=7 1024 1024" in settings  # RLIMIT_NOFILE
+    assert settings[-1] == "uid=5"  # the identity changes last, as runc does
+
+
+def test_mount_options_split_into_flags_and_data():
+    flags, data = guest.mount_flags(("nosuid", "ro", "rw", "size=64k", "rprivate", "mode=755"))
+    assert flags == guest.MS_NOSUID and data == "size=64k,mode=755"
+
+
+def test_request_carries_settings_after_the_arguments():
+    request = mailbox.encode_request(("echo", "hi"), settings=("root=/dev/vda", "cwd=/"),
+                                     now_ns=0, seed=b"")
+    header = mailbox.REQUEST_HEADER.unpack_from(request)
+    magic, version, _flags, argc, argv_bytes = header[:5]
+    settings_bytes = header[-2]
+    assert (magic, version, argc) == (mailbox.REQUEST_MAGIC, 2, 2)
+    body = request[mailbox.REQUEST_HEADER.size:]
+    assert body[:argv_bytes] == b"echo\0hi\0"
+    assert body[argv_bytes:argv_bytes + settings_bytes] == b"root=/dev/vda\0cwd=/\0"
+    with pytest.raises(ValueError):
+        mailbox.encode_request(("x",), settings=("no-equals",))
+
+
+def test_bad_bundle_leaves_nothing_behind_and_logs_json(tmp_path):
+    root, log = tmp_path / "state", tmp_path / "log.json"
+    bundle = make_bundle(tmp_path / "b", [])  # process.args empty
+    result = runtime(root, "create", "--bundle", str(bundle), "c1", log=log)
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == \
+        f"vmm-runtime: {bundle}/config.json: process.args: empty: there is no program to run"
+    entry = json.loads(log.read_text().splitlines()[-1])
+    assert entry["level"] == "error" and "process.args" in entry["msg"]
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_unknown_ids_and_exec_are_clear_errors(tmp_path):
+    for args, message in ((("start", "nope"), "container does not exist: nope"),
+                          (("state", "nope"), "container does not exist: nope"),
+                          (("kill", "nope", "KILL"), "container does not exist: nope"),
+                          (("exec", "nope", "ls"), "exec is not supported")):
+        result = runtime(tmp_path, *args)
+        assert result.returncode == 1 and message in result.stderr.decode(), args
+
+
+def test_features_lists_what_vmm_supports(tmp_path):
+    features = json.loads(runtime(tmp_path, "features").stdout)
+    assert "proc" in features["linux"]["mountTypes"] and "nfs" not in features["linux"]["mountTypes"]
+    assert "ro" in features["mountOptions"]
+
+
+# --- with KVM: the runc flows -----------------------------------------------------------------
+def _become_subreaper() -> None:
+    """As containerd's shim is: the VMM outlives `create`, and we wait for it."""
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def _wait(pid: int, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    raise AssertionError(f"the VMM {pid} did not exit in {timeout} s")
+
+
+def create(root: Path, bundle: Path, container_id: str, out: Path, pid_file: Path):
+    """`create` with the container's stdio on files, as the shim gives FIFOs: the VMM
+    inherits them, so a pipe would stay open (and `communicate` wait) until it exits."""
+    errors = out.with_name(out.name + ".stderr")
+    with open(out, "wb") as stdout, open(errors, "wb") as stderr:
+        created = runtime(root, "create", "--bundle", str(bundle), "--pid-file", str(pid_file),
+                          container_id, stdout=stdout, stderr=stderr, timeout=BOOT_TIMEOUT)
+    assert created.returncode == 0, errors.read_text()
+    return created
+
+
+def _state(root: Path, container_id: str) -> dict:
+    result = runtime(root, "state", container_id)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.boot
+@pytest.mark.kvm
+def test_create_state_start_state_delete(tmp_path):
+    _become_subreaper()
+    script = ("echo hello from $(hostname) as $(id -u):$(id -g) in $(pwd); env | sort; "
+              "grep 'open files' /proc/self/limits; ls /dev; echo data > /work/file; "
+              "cat /work/file; exit 7")
+    env = ["PATH=/bin", "GREETING=hi there"]
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", script], cwd="/work", env=env,
+                         user={"uid": 1000, "gid": 1000})
+    os.chown(bundle / "rootfs" / "work", 1000, 1000)  # owners reach the guest's root disk
+    root, out, pid_file = tmp_path / "state", tmp_path / "stdout", tmp_path / "pid"
+    created = create(root, bundle, "c1", out, pid_file)
+    pid = int(pid_file.read_text())
+    state = _state(root, "c1")
+    assert (state["status"], state["pid"], state["id"]) == ("created", pid, "c1")
+    assert state["bundle"] == str(bundle.resolve()) and state["ociVersion"].startswith("1.")
+    assert out.read_bytes() == b""  # the process has not run
+
+    assert runtime(root, "start", "c1").returncode == 0
+    second = runtime(root, "start", "c1")
+    assert second.returncode == 1 and b"cannot start a container in the" in second.stderr
+    assert _wait(pid, 120) == 7  # the VMM's status is the process's
+    assert _state(root, "c1")["status"] == "stopped"
+    lines = out.read_text().splitlines()
+    assert lines[0] == "hello from box as 1000:1000 in /work"
+    assert lines[1:4] == ["GREETING=hi there", "PATH=/bin", "PWD=/work"]  # exactly its env
+    assert "Max open files            1024                 1024" in lines[5]
+    assert {"null", "zero", "urandom", "pts", "shm", "ptmx"} <= set(" ".join(lines[6:]).split())
+    assert lines[-1] == "data"
+    assert runtime(root, "delete", "c1").returncode == 0
+    assert not (root / "c1").exists()
+
+
+@pytest.mark.boot
+@pytest.mark.kvm
+def test_kill_stops_a_running_container_with_the_signals_status(tmp_path):
+    _become_subreaper()
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", "echo up; sleep 600"])
+    root, out = tmp_path / "state", tmp_path / "stdout"
+    create(root, bundle, "c2", out, tmp_path / "pid")
+    pid = int((tmp_path / "pid").read_text())
+    assert runtime(root, "start", "c2").returncode == 0
+    deadline = time.monotonic() + 60
+    while b"up" not in out.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _state(root, "c2")["status"] == "running"
+    refused = runtime(root, "delete", "c2")
+    assert refused.returncode == 1 and b"not stopped: running" in refused.stderr
+    listed = json.loads(runtime(root, "list", "--format", "json").stdout)
+    assert [(c["id"], c["status"]) for c in listed] == [("c2", "running")]
+    assert json.loads(runtime(root, "ps", "--format", "json", "c2").stdout) == [pid]
+    assert runtime(root, "kill", "c2", "TERM").returncode == 0
+    assert _wait(pid, 60) == 128 + 15
+    record = Store(root).load("c2")
+    assert record.status is Status.STOPPED and record.exit_status == 143
+    assert runtime(root, "delete", "c2").returncode == 0 and not (root / "c2").exists()
+
+
+def test_record_round_trips(tmp_path):
+    store = Store(tmp_path)
+    _, record = store.reserve("x", tmp_path)
+    record.annotations = {"a": "b"}
+    store.save(record)
+    assert isinstance(store.load("x"), Record) and store.load("x").annotations == {"a": "b"}

@@ -1,0 +1,127 @@
+"""A ContainerSpec turned into what the guest needs: a root disk, and /init's settings.
+
+* The root file system reaches the guest as an ext4 image of ``root.path``
+  (``mkfs.ext4 -d``: no mount, no privileges), with the bind mounts' host files
+  copied in at their destinations: the guest cannot see the host's files, so a
+  bind mount is a copy taken at ``create`` (read-only ones behave the same;
+  writes to a read-write one stay in the container). Writes go to the image,
+  not to ``root.path``.
+* The process and the kernel mounts go to /init in the mailbox request as
+  "key=value" settings (vmm/images/init.c, ``parse_settings``), mount options
+  already split into MS_* flags and file-system data, as runc does.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from vmm.oci.spec import BundleError, ContainerSpec, MountKind
+
+ROOT_DEVICE = "/dev/vda"  # the rootfs image is the guest's first (only) disk
+MiB = 1 << 20
+MIN_IMAGE = 64 * MiB
+FREE_SPACE = 64 * MiB  # room for the container's own writes
+
+# mount(8) option -> (flag, set?) ; <sys/mount.h>
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_SYNCHRONOUS, MS_REMOUNT, MS_MANDLOCK, MS_DIRSYNC = 16, 32, 64, 128
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC = 1024, 2048, 4096, 16384
+MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
+MOUNT_FLAGS = {
+    "ro": (MS_RDONLY, True), "rw": (MS_RDONLY, False),
+    "nosuid": (MS_NOSUID, True), "suid": (MS_NOSUID, False),
+    "nodev": (MS_NODEV, True), "dev": (MS_NODEV, False),
+    "noexec": (MS_NOEXEC, True), "exec": (MS_NOEXEC, False),
+    "sync": (MS_SYNCHRONOUS, True), "async": (MS_SYNCHRONOUS, False),
+    "dirsync": (MS_DIRSYNC, True), "mand": (MS_MANDLOCK, True), "nomand": (MS_MANDLOCK, False),
+    "noatime": (MS_NOATIME, True), "atime": (MS_NOATIME, False),
+    "nodiratime": (MS_NODIRATIME, True), "diratime": (MS_NODIRATIME, False),
+    "relatime": (MS_RELATIME, True), "norelatime": (MS_RELATIME, False),
+    "strictatime": (MS_STRICTATIME, True), "nostrictatime": (MS_STRICTATIME, False),
+}
+# Propagation options shape how mounts spread between namespaces; the guest has one.
+PROPAGATION = {"private", "rprivate", "shared", "rshared", "slave", "rslave", "unbindable",
+               "runbindable"}
+
+
+def mount_flags(options: tuple[str, ...]) -> tuple[int, str]:
+    """(MS_* flags, file-system data) from a mount's options, as runc splits them."""
+    flags, data = 0, []
+    for option in options:
+        if option in MOUNT_FLAGS:
+            bit, on = MOUNT_FLAGS[option]
+            flags = flags | bit if on else flags & ~bit
+        elif option not in PROPAGATION and option not in ("bind", "rbind"):
+            data.append(option)
+    return flags, ",".join(data)
+
+
+def settings(spec: ContainerSpec, root_device: str = ROOT_DEVICE) -> tuple[str, ...]:
+    """The "key=value" settings /init applies before it runs the container's process."""
+    out = [f"root={root_device}"]
+    if spec.root_readonly:
+        out.append("root_ro=1")
+    for mount in spec.mounts:
+        if mount.kind is not MountKind.KERNEL:
+            continue  # binds are in the image; skipped ones are documented
+        flags, data = mount_flags(mount.options)
+        fields = (mount.type, mount.source or mount.type, mount.destination, str(flags), data)
+        if any("\t" in f for f in fields):
+            raise BundleError(f"{spec.bundle}/config.json: mount {mount.destination}: "
+                              "a tab in a mount field")
+        out.append("mount=" + "\t".join(fields))
+    if spec.hostname:
+        out.append(f"hostname={spec.hostname}")
+    out.append(f"cwd={spec.cwd}")
+    out += [f"env={entry}" for entry in spec.env]
+    for limit in spec.rlimits:
+        out.append(f"rlimit={getattr(resource, limit.type)} {limit.soft} {limit.hard}")
+    out.append("groups=" + ",".join(str(g) for g in spec.additional_gids))
+    out += [f"gid={spec.gid}", f"uid={spec.uid}"]
+    return tuple(out)
+
+
+def tree_size(root: Path) -> int:
+    total = 0
+    for directory, dirs, files in os.walk(root):
+        for name in files + dirs:
+            try:
+                total += os.lstat(os.path.join(directory, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def build_root_image(spec: ContainerSpec, image: Path) -> int:
+    """The ext4 image of the container's root (plus its bind mounts); returns its size."""
+    mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
+    if not Path(mkfs).exists():
+        raise BundleError("mkfs.ext4 not found: install e2fsprogs")
+    binds = [m for m in spec.mounts if m.kind is MountKind.BIND]
+    with tempfile.TemporaryDirectory(dir=image.parent) as staging:
+        source = spec.root
+        if binds:  # the rootfs with the bind sources copied over it
+            source = Path(staging) / "root"
+            shutil.copytree(spec.root, source, symlinks=True)
+            for mount in binds:
+                target = source / mount.destination.lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if Path(mount.source).is_dir():
+                    shutil.copytree(mount.source, target, symlinks=True, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(mount.source, target)
+        size = max(MIN_IMAGE, -(-(tree_size(source) * 5 // 4 + FREE_SPACE) // MiB) * MiB)
+        with open(image, "wb") as f:
+            f.truncate(size)
+        result = subprocess.run([mkfs, "-q", "-F", "-L", "container", "-d", str(source), str(image)],
+                                capture_output=True, text=True)
+    if result.returncode != 0:
+        image.unlink(missing_ok=True)
+        first = (result.stderr.strip().splitlines() or ["?"])[0]
+        raise BundleError(f"{spec.root}: cannot make the container's root disk: mkfs.ext4: {first}")
+    return size
