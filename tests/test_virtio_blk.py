@@ -134,6 +134,26 @@ def test_config_space(rig):
     assert rig.driver.r32(mmio.CONFIG_GENERATION) == 0
 
 
+def test_a_replaced_backend_shows_its_size_after_a_config_change(rig, tmp_path):
+    """A container's root put behind a disk the guest saw empty (vmm/oci/monitor.py)."""
+    bigger = tmp_path / "root.img"
+    bigger.write_bytes(b"\x42" * (4 * DISK_SIZE))
+    backend = RawDiskImage(str(bigger), False)
+    pulses = rig.irq.pulses
+    old = rig.device.replace_backend(backend)
+    assert old is rig.backend
+    rig.transport.config_changed()
+    assert rig.driver.config(0, 8) == 4 * 2048  # the new capacity
+    assert rig.driver.r32(mmio.CONFIG_GENERATION) == 1  # the driver knows to read it again
+    assert rig.driver.r32(mmio.INTERRUPT_STATUS) & mmio.INT_CONFIG
+    assert rig.irq.pulses > pulses
+    request = rig.driver.read(3 * 2048, 1)  # beyond the old capacity: the new image answers
+    assert request.status == VIRTIO_BLK_S_OK and request.data == b"\x42" * 512
+    backend.close()
+    with pytest.raises(ValueError, match="as read-only"):
+        rig.device.replace_backend(RawDiskImage(str(bigger), True))
+
+
 def test_features_without_version_1_are_refused(image):
     r = Rig(image, features=~VERSION_1 & ((1 << 64) - 1), init=False)
     try:

@@ -350,7 +350,7 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     if cold or cache.warm_start_possible(config) is not None:
         return run_linux(config, **options)
 
-    directory, key = _warm_snapshot(config, progress)
+    directory, key = warm_snapshot(config, progress)
     if key is None:
         return run_linux(config, **options)
     if directory is not None:
@@ -369,7 +369,7 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     return run_linux(config, start=SaveAtReady(target, then_run=True, replace=True), **options)
 
 
-def _warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]:
+def warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]:
     """(the cached snapshot of this guest or None, its key; None if this KVM cannot have one)."""
     from vmm.builder import resolve_initrd, resolve_kernel
     from vmm.kvm.capabilities import SNAPSHOT, missing

@@ -326,6 +326,7 @@ static int request_argv(struct request *request, char **argv)
  * has already turned config.json into these, mount options into MS_* flags:
  *
  *   root=DEV  root_ro=1      the container's root file system, a disk
+ *   wait_root=1              ... put behind its device just now: wait for its size
  *   mount=TYPE\tSOURCE\tTARGET\tFLAGS\tDATA   in the order given, under the root
  *   hostname=NAME  cwd=DIR   env=NAME=VALUE (the whole environment)
  *   rlimit=RESOURCE SOFT HARD  groups=G,G  gid=G  uid=U
@@ -348,6 +349,7 @@ struct container {
     int active;
     char *root;
     int root_ro;
+    int wait_root;  /* the root disk was put in after a restore: wait for its size */
     char *hostname, *cwd;
     char *env[MAX_ENV + 1];
     int envc;
@@ -389,6 +391,8 @@ static int parse_settings(char *p, char *end, struct container *c)
             c->root = value;
         } else if (!strcmp(p, "root_ro")) {
             c->root_ro = 1;
+        } else if (!strcmp(p, "wait_root")) {
+            c->wait_root = 1;
         } else if (!strcmp(p, "hostname")) {
             c->hostname = value;
         } else if (!strcmp(p, "cwd")) {
@@ -512,6 +516,31 @@ static void enter_container(const struct container *c)
         fail("setuid", "");
 }
 
+/*
+ * A root disk put behind its device after a restore (vmm/oci/monitor.py): the
+ * driver learns the new size from a configuration-change interrupt, in a
+ * kernel worker; wait until the block device has it (a few ms).
+ */
+static void wait_for_disk(const char *device)
+{
+    char path[128], buf[32];
+    const char *name = strrchr(device, '/');
+    snprintf(path, sizeof(path), "/sys/block/%s/size", name ? name + 1 : device);
+    for (int i = 0; i < 5000; i++) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        ssize_t n = fd >= 0 ? read(fd, buf, sizeof(buf) - 1) : -1;
+        if (fd >= 0)
+            close(fd);
+        if (n > 0) {
+            buf[n] = '\0';
+            if (strtoull(buf, NULL, 10) > 0)
+                return;
+        }
+        usleep(1000);
+    }
+    dprintf(2, "vmm-init: %s: still empty after 5 s\n", device);
+}
+
 /* $PATH of an environment (NULL-terminated NAME=VALUE list), or NULL. */
 static const char *env_path(char *const *env)
 {
@@ -607,6 +636,8 @@ int main(void)
     char *const *envp = environ;
     const char *search = getenv("PATH");
     if (container.active) {
+        if (container.wait_root)
+            wait_for_disk(container.root);
         disk_root = "/newroot";
         envp = container.env;
         search = env_path(container.env);

@@ -118,7 +118,7 @@ def build_root_image(spec: ContainerSpec, image: Path) -> int:
         size = max(MIN_IMAGE, -(-(tree_size(source) * 5 // 4 + FREE_SPACE) // MiB) * MiB)
         with open(image, "wb") as f:
             f.truncate(size)
-        result = subprocess.run([mkfs, "-q", "-F", "-L", "container", "-d", str(source), str(image)],
+        result = subprocess.run([mkfs, "-q", "-F", "-L", "container", "-O", "^has_journal", "-d", str(source), str(image)],
                                 capture_output=True, text=True)
     if result.returncode != 0:
         image.unlink(missing_ok=True)

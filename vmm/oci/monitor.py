@@ -2,12 +2,17 @@
 
     python3 -m vmm.oci.monitor STATE_DIR READY_FD
 
-1. boots the container's VM (our kernel and initramfs, the container's root
-   disk, the bundle's memory and vCPUs) to /init's ready point;
+1. gets the container's VM to /init's ready point: restores the cached
+   *container base* snapshot for this memory size and vCPU count, or boots one
+   cold and saves it on the way (the first container of that size only). The
+   base has one disk, an empty placeholder (``base_disk``), so one snapshot
+   serves every container;
 2. marks the container created and tells `create` so on READY_FD ("ok", or
    "error: ..." and exit 1), then waits for `start` (a byte in start.fifo);
-3. marks it running and delivers the process (argv and the settings of
-   vmm/oci/guest.py) through the mailbox;
+3. marks it running, puts the container's root image behind the disk
+   (``VirtioBlock.replace_backend`` + a configuration-change interrupt: the
+   guest driver reads the new size) and delivers the process (argv and the
+   settings of vmm/oci/guest.py, with ``wait_root``) through the mailbox;
 4. exits with the container process's exit status (a signal that stops the VM:
    128 + its number, as a shell reports a process killed by it).
 
@@ -23,12 +28,13 @@ import json
 import os
 import select
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from vmm.errors import VmmError
 from vmm.oci.store import Record, Status, Store, process_start_time
 from vmm.outcome import EXIT_VMM_ERROR
-from vmm.session import BootToReady, LinuxRun
+from vmm.session import BootToReady, LinuxRun, SaveAtReady
 
 START_POLL_S = 0.2  # how often a wait for `start` looks whether the VM was stopped meanwhile
 
@@ -57,16 +63,35 @@ class StartChannel:
         os.close(self.keep_fd)
 
 
+def base_disk() -> Path:
+    """The container base's disk: an empty image, never written (its identity is in the key)."""
+    from vmm.cache import cache_dir
+
+    path = cache_dir() / "oci" / "empty-disk.img"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}")
+        partial.touch()
+        os.replace(partial, path)
+    return path
+
+
 class ContainerRun(LinuxRun):
-    """A LinuxRun that stops at the ready point until `start`, then runs the container's process."""
+    """A LinuxRun that waits at the ready point for `start`, then runs the container's process.
 
-    def __init__(self, config, store: Store, record: Record, settings: tuple[str, ...],
-                 channel: StartChannel, ready_fd: int, **options) -> None:
-        super().__init__(config, BootToReady(), **options)
+    Whatever the start (a restore, a boot that saves the base, a plain boot),
+    the request goes through ``deliver``: that is where the container waits.
+    """
+
+    def __init__(self, config, start, *, store: Store, record: Record, settings: tuple[str, ...],
+                 root_image: Path, channel: StartChannel, ready_fd: int, **options) -> None:
+        super().__init__(config, start, **options)
         self.store, self.record, self.settings = store, record, settings
-        self.channel, self.ready_fd = channel, ready_fd
+        self.root_image, self.channel, self.ready_fd = root_image, channel, ready_fd
 
-    def at_ready(self, extents) -> None:
+    def deliver(self, extents) -> None:
+        from vmm.devices.mailbox import deliver, encode_request
+
         self.record.status = Status.CREATED
         self.store.save(self.record)
         _tell(self.ready_fd, "ok")
@@ -75,13 +100,58 @@ class ContainerRun(LinuxRun):
             return  # stopped (killed) before start: the run ends with the signal's status
         self.record.status = Status.RUNNING
         self.store.save(self.record)
-        super().at_ready(extents)
+        settings = self.settings
+        if not isinstance(self.start, BootToReady):  # booted on the placeholder
+            self.insert_root_disk()
+            settings += ("wait_root=1",)
+        deliver(self.machine.memory, extents, encode_request(self.config.command, settings=settings))
 
-    def deliver(self, extents) -> None:
-        from vmm.devices.mailbox import deliver, encode_request
+    def insert_root_disk(self) -> None:
+        """The container's root behind the disk the guest saw empty; tell its driver.
 
-        deliver(self.machine.memory, extents,
-                encode_request(self.config.command, settings=self.settings))
+        A restored base was given the root image in place of the placeholder when
+        its devices were made (the guest still believes the disk is empty); a base
+        just booted has the placeholder open: swap it, and close it, so that the
+        next container can boot one too (a writable image is locked by one VM).
+        """
+        from vmm.devices.disk import RawDiskImage
+
+        transport = self.guest.devices.virtio[0]
+        if isinstance(self.start, SaveAtReady):
+            backend = RawDiskImage(str(self.root_image), transport.device.read_only)
+            self.machine.closers.append(backend.close)
+            transport.device.replace_backend(backend).close()
+        transport.config_changed()
+
+
+def _start_for(config, root_disk, log):
+    """(config, start): restore the cached container base, or boot and save it, or just boot.
+
+    Restored or plainly booted, the VM's disk is the container's root image from
+    the start; only a boot that saves the base boots on the placeholder.
+    """
+    from vmm.errors import SnapshotError
+    from vmm.session import FromSnapshot, warm_snapshot
+    from vmm.snapshot import cache
+    from vmm.snapshot.restore import load_snapshot, restore_config
+
+    def progress(line: str) -> None:
+        print(f"vmm: {line}", file=log)
+
+    directory, key = warm_snapshot(config, progress)
+    if key is None:
+        return replace(config, disks=(root_disk,)), BootToReady()
+    if directory is not None:
+        try:
+            snapshot = load_snapshot(directory)
+            restored = restore_config(snapshot, config, mem_given=True, cpus_given=True,
+                                      disks_given=True)
+            return replace(restored, disks=(root_disk,)), FromSnapshot(directory, snapshot)
+        except SnapshotError as e:
+            progress(f"the cached container base cannot be used ({e}); booting a new one")
+            cache.discard(directory)
+    progress("first container of this size: booting, saving the container base")
+    return config, SaveAtReady(cache.snapshot_cache_dir() / key, then_run=True, replace=True)
 
 
 def _tell(fd: int, line: str) -> None:
@@ -110,11 +180,15 @@ def main(argv: list[str]) -> int:
         config_path = directory / "config.json"
         spec = parse_config(json.loads(config_path.read_text()), Path(record.bundle),
                             str(config_path))
+        root_disk = DiskConfig(str(directory / "root.img"))
         config = VmConfig(mem=spec.mem, cpus=spec.cpus, command=spec.args,
-                          disks=(DiskConfig(str(directory / "root.img"), spec.root_readonly),))
+                          disks=(DiskConfig(str(base_disk())),))
+        config, start = _start_for(config, root_disk, log)
         channel = StartChannel(directory / "start.fifo")
-        run = ContainerRun(config, store, record, guest_settings(spec), channel, ready_fd,
-                           stdout=sys.stdout.buffer, stderr=log)
+        run = ContainerRun(config, start, store=store, record=record,
+                           settings=guest_settings(spec), root_image=directory / "root.img",
+                           channel=channel, ready_fd=ready_fd, stdout=sys.stdout.buffer,
+                           stderr=log)
         run.build()
         try:
             install_stop_signals(run.runner)

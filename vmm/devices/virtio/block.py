@@ -144,6 +144,21 @@ class VirtioBlock:
         self.last_error = ""
         self._config = self._build_config()
 
+    def replace_backend(self, backend: DiskBackend) -> DiskBackend:
+        """Put another image behind the device; return the old backend (the caller closes it).
+
+        What a container's VM does after a restore (vmm/oci/monitor.py), as
+        Firecracker's drive update: the capacity follows the new image, and the
+        transport's ``config_changed`` tells the driver to read it again. The
+        read-only bit was negotiated at boot and cannot change.
+        """
+        if backend.read_only != self.read_only:
+            raise ValueError("a replacement disk must be as read-only as the one negotiated")
+        old, self.backend = self.backend, backend
+        self.capacity = backend.size >> SECTOR_SHIFT
+        self._config = self._build_config()
+        return old
+
     # --- what the transport asks ------------------------------------------------------------
     @property
     def features(self) -> int:
