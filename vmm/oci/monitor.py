@@ -28,6 +28,7 @@ import json
 import os
 import select
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class ContainerRun(LinuxRun):
         super().__init__(config, start, **options)
         self.store, self.record, self.settings = store, record, settings
         self.root_image, self.channel, self.ready_fd = root_image, channel, ready_fd
+        self.started_ns = self.delivered_ns = 0  # `start` seen; the process handed to /init
 
     def deliver(self, extents) -> None:
         from vmm.devices.mailbox import deliver, encode_request
@@ -98,6 +100,7 @@ class ContainerRun(LinuxRun):
         self.ready_fd = -1
         if not self.channel.wait(lambda: self.runner.outcome is not None):
             return  # stopped (killed) before start: the run ends with the signal's status
+        self.started_ns = time.monotonic_ns()
         self.record.status = Status.RUNNING
         self.store.save(self.record)
         settings = self.settings
@@ -105,6 +108,7 @@ class ContainerRun(LinuxRun):
             self.insert_root_disk()
             settings += ("wait_root=1",)
         deliver(self.machine.memory, extents, encode_request(self.config.command, settings=settings))
+        self.delivered_ns = time.monotonic_ns()
 
     def insert_root_disk(self) -> None:
         """The container's root behind the disk the guest saw empty; tell its driver.
@@ -154,6 +158,24 @@ def _start_for(config, root_disk, log):
     return config, SaveAtReady(cache.snapshot_cache_dir() / key, then_run=True, replace=True)
 
 
+def _profile():
+    """VMM_OCI_PROFILE=HZ: sample the guest's RIP, the hottest functions into vmm.log."""
+    hz = os.environ.get("VMM_OCI_PROFILE")
+    if not hz:
+        return None
+    from vmm.profiler import ProfileOptions
+
+    return ProfileOptions(hz=float(hz), top=40)
+
+
+def _log_phases(log, phases: dict[str, int], run: "ContainerRun") -> None:
+    """Where the container's time went, for vmm.log (ms from the VMM process's start)."""
+    marks = dict(phases, started=run.started_ns, delivered=run.delivered_ns)
+    base = marks.get("process_start") or min(v for v in marks.values() if v)
+    order = sorted((v, k) for k, v in marks.items() if v)
+    print("phases: " + ", ".join(f"{k} {(v - base) / 1e6:.1f}" for v, k in order), file=log)
+
+
 def _tell(fd: int, line: str) -> None:
     if fd >= 0:
         try:
@@ -188,12 +210,14 @@ def main(argv: list[str]) -> int:
         run = ContainerRun(config, start, store=store, record=record,
                            settings=guest_settings(spec), root_image=directory / "root.img",
                            channel=channel, ready_fd=ready_fd, stdout=sys.stdout.buffer,
-                           stderr=log)
+                           stderr=log, profile=_profile())
         run.build()
         try:
             install_stop_signals(run.runner)
             outcome = run.execute(None)
-            status = run.finish(outcome).status
+            result = run.finish(outcome)
+            status = result.status
+            _log_phases(log, result.phases, run)
         finally:
             run.machine.close()
             channel.close()
