@@ -9,70 +9,36 @@ vmm-runtime as it calls runc). Two cold boots (~11 s each on our PVM host).
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tests.guest import BOOT_TIMEOUT
+from vmm.oci.containerd import BUSYBOX_IMAGE, PrivateContainerd, image_from_busybox
+from vmm.oci.containerd import runtime_binary as vmm_runtime
 
 pytestmark = [pytest.mark.boot, pytest.mark.kvm]
 
-IMAGE = "docker.io/library/vmmbox:latest"
-APPLETS = "sh echo cat hostname id pwd env ls sleep mount sort grep head true false".split()
+IMAGE = BUSYBOX_IMAGE
 
 
 def runtime_binary() -> str:
-    """vmm-runtime next to this Python (the console script pip installed)."""
-    path = Path(sys.executable).with_name("vmm-runtime")
+    path = vmm_runtime()
     assert path.exists(), f"{path}: not installed (pip install -e .)"
     return str(path)
 
 
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory):
-    for tool in ("containerd", "ctr", "containerd-shim-runc-v2"):
-        assert shutil.which(tool), f"{tool} not found: apt-get install containerd (.ci/run does)"
-    from vmm.images.initramfs import default_busybox
-    from vmm.oci.imagelayout import write_image_archive
-
     work = tmp_path_factory.mktemp("containerd")
-    socket = work / "containerd.sock"
-    (work / "config.toml").write_text(f"""version = 2
-root = "{work}/root"
-state = "{work}/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-""")
-    log = open(work / "containerd.log", "wb")
-    daemon = subprocess.Popen(["containerd", "--config", str(work / "config.toml")],
-                              stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while not socket.exists() and time.monotonic() < deadline:
-        assert daemon.poll() is None, (work / "containerd.log").read_text()
-        time.sleep(0.05)
-    root = work / "image"
-    for sub in ("bin", "proc", "sys", "dev", "tmp", "etc"):
-        (root / sub).mkdir(parents=True)
-    shutil.copy(default_busybox(), root / "bin" / "busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", root / "bin" / applet)
-    archive = work / "image.tar"
-    write_image_archive(root, IMAGE, archive)
-    ctr = ["ctr", "--address", str(socket)]
-    imported = subprocess.run([*ctr, "images", "import", str(archive)], capture_output=True)
-    assert imported.returncode == 0, imported.stderr.decode()
-    yield ctr, work
-    daemon.terminate()
-    daemon.wait(timeout=30)
-    log.close()
+    daemon = PrivateContainerd(work)
+    daemon.start()
+    try:
+        daemon.import_image(image_from_busybox(work))
+        yield daemon.ctr, work
+    finally:
+        daemon.stop()
 
 
 def test_ctr_run_prints_and_returns_the_process_status(containerd):

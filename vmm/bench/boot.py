@@ -45,14 +45,14 @@ from vmm.bench.phases import SPAWN_ENV, host_facts, machine_line
 
 LINE = "vmm-bench-hello"
 SCHEMA = "vmm-bench-boot/1"
-ALL_CONTENDERS = ("vmm", "vmm-snapshot", "vmm-bzimage", "qemu-kvm", "qemu-tcg", "runc", "unshare",
-                  "process")
+ALL_CONTENDERS = ("vmm", "vmm-snapshot", "vmm-bzimage", "qemu-kvm", "qemu-tcg", "ctr-vmm", "ctr-runc",
+                  "runc", "unshare", "process")
 EXIT_PORT = 0x501  # vmm/arch/x86_64/layout.EXIT_PORT; QEMU's isa-debug-exit sits there too
 
 #: Timeouts per contender (seconds). A VM boot here takes ~35-120 s (PVM: the guest
 #: kernel is emulated); the bzImage's decompressor adds to that; QEMU+KVM hangs on PVM.
 TIMEOUTS = {"vmm": 300.0, "vmm-snapshot": 60.0, "vmm-bzimage": 600.0, "qemu-kvm": 20.0, "qemu-tcg": 60.0,
-            "runc": 30.0, "unshare": 10.0, "process": 10.0}
+            "runc": 30.0, "unshare": 10.0, "process": 10.0, "ctr-vmm": 120.0, "ctr-runc": 30.0}
 
 
 @dataclass
@@ -324,6 +324,77 @@ class RuncContender(Contender):
                        capture_output=True, check=False)
 
 
+class CtrRuncContender(Contender):
+    """`ctr run --rm IMAGE ID echo LINE` through containerd and its runc shim.
+
+    The same client, image and command for both runtimes: containerd 1.6 with a
+    private root and socket (vmm/oci/containerd.py), a busybox image imported
+    once; only ``--runc-binary`` differs.
+    """
+
+    name = "ctr-runc"
+    label = "containerd + runc (ctr run)"
+    kind = "container"
+    runtime: list[str] = []
+
+    def prepare(self, workdir: Path) -> str | None:
+        super().prepare(workdir)
+        from vmm.errors import VmmError
+        from vmm.oci.containerd import PrivateContainerd, image_from_busybox
+
+        if os.geteuid() != 0:
+            return "containerd needs root"
+        self.daemon = PrivateContainerd(workdir / "containerd")
+        try:
+            self.daemon.start()
+            self.daemon.import_image(image_from_busybox(workdir / "containerd"))
+        except VmmError as e:
+            self.daemon.stop()
+            return str(e)
+        self._count = 0
+        return self.warm_up()
+
+    def warm_up(self) -> str | None:
+        return None
+
+    def argv(self, run_dir: Path) -> list[str]:
+        from vmm.oci.containerd import BUSYBOX_IMAGE
+
+        self._count += 1
+        return [*self.daemon.ctr, "run", "--rm", *self.runtime, BUSYBOX_IMAGE,
+                f"{self.name}-{os.getpid()}-{self._count}", "echo", LINE]
+
+    def cleanup(self) -> None:
+        if getattr(self, "daemon", None) is not None:
+            self.daemon.stop()
+
+
+class CtrVmmContender(CtrRuncContender):
+    """The same `ctr run`, with vmm-runtime as the shim's runc: the container is a VM."""
+
+    name = "ctr-vmm"
+    label = "containerd + vmm (ctr run)"
+    kind = "vm"
+
+    def prepare(self, workdir: Path) -> str | None:
+        from vmm.oci.containerd import runtime_binary
+
+        binary = runtime_binary()
+        if not binary.exists():
+            return f"{binary}: not installed (pip install -e .)"
+        self.runtime = ["--runc-binary", str(binary)]
+        return super().prepare(workdir)
+
+    def warm_up(self) -> str | None:
+        """One untimed run: the first container of its size boots and saves the base."""
+        result = subprocess.run(self.argv(self.workdir), capture_output=True, text=True,
+                                timeout=max(self.timeout, 900))
+        if result.returncode != 0 or LINE not in result.stdout:
+            self.daemon.stop()
+            return f"the warm-up run failed: {_last_line(result.stderr) or result.returncode}"
+        return None
+
+
 def build_runc_bundle(workdir: Path, runc: str) -> tuple[Path, Path]:
     """An OCI bundle: rootfs with static busybox, config.json from `runc spec`, edited."""
     from vmm.images.initramfs import default_busybox
@@ -379,6 +450,8 @@ class ProcessContender(Contender):
 
 
 CONTENDERS: dict[str, type[Contender]] = {
+    "ctr-vmm": CtrVmmContender,
+    "ctr-runc": CtrRuncContender,
     "vmm": VmmContender,
     "vmm-snapshot": VmmSnapshotContender,
     "vmm-bzimage": VmmBzImageContender,
