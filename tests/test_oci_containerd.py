@@ -72,3 +72,41 @@ def test_ctr_task_kill_stops_a_long_running_container(containerd):
         raise AssertionError(f"not stopped: {tasks}")
     assert subprocess.run([*ctr, "task", "rm", "sleeper"], capture_output=True).returncode == 0
     assert subprocess.run([*ctr, "containers", "rm", "sleeper"], capture_output=True).returncode == 0
+
+
+def test_ctr_run_t_gives_a_working_terminal(containerd):
+    """process.terminal: a pty through --console-socket; a shell prompt, typed input, its status."""
+    import os
+    import pty
+    import select
+
+    ctr, _work = containerd
+    pid, fd = pty.fork()
+    if pid == 0:  # ctr needs a terminal of its own for -t
+        os.execvp(ctr[0], [*ctr, "run", "-t", "--rm", "--runc-binary", runtime_binary(), IMAGE,
+                           "tty1", "sh"])
+    output = bytearray()
+
+    def read_until(marker: bytes, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while marker not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:
+                    return marker in output
+                if not data:
+                    break
+                output.extend(data)
+        return marker in output
+
+    assert read_until(b"/ # ", BOOT_TIMEOUT), bytes(output)  # the shell's prompt
+    os.write(fd, b"tty; echo $((6*7)); exit 3\r")
+    read_until(b"\n42", 60)
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    text = bytes(output).replace(b"\r", b"").decode(errors="replace")
+    assert "/dev/console" in text  # a terminal: the guest's console
+    assert "\n42\n" in text
+    assert os.waitstatus_to_exitcode(status) == 3

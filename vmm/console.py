@@ -51,9 +51,10 @@ class InteractiveConsole:
     """Raw-mode terminal input feeding a UART, with Ctrl-A x to quit."""
 
     def __init__(self, feed: Callable[[bytes], int], on_quit: Callable[[], None],
-                 fd: int | None = None) -> None:
+                 fd: int | None = None, *, escape: bool = True) -> None:
         self._feed = feed  # returns how many bytes the guest accepted
         self._on_quit = on_quit
+        self._escape = escape  # False: every byte is the guest's (a container's pty)
         self._fd = sys.stdin.fileno() if fd is None else fd
         self._saved = None
         self._stop_r, self._stop_w = os.pipe()
@@ -90,9 +91,15 @@ class InteractiveConsole:
             ready, _, _ = select.select([self._fd, self._stop_r], [], [])
             if self._stop_r in ready:
                 return
-            data = os.read(self._fd, 256)
+            try:
+                data = os.read(self._fd, 256)
+            except OSError:  # EIO: the pty's other end closed
+                return
             if not data:
                 return
+            if not self._escape:
+                self._deliver(data)
+                continue
             out = bytearray()
             for byte in data:
                 if escape:

@@ -462,7 +462,7 @@ static void populate_dev(const char *dev)  /* "/newroot/dev" */
 {
     static const struct { const char *name; unsigned major, minor; } nodes[] = {
         {"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9},
-        {"tty", 5, 0},
+        {"tty", 5, 0}, {"console", 5, 1},  /* our stdio is /dev/console: ttyname() finds it */
     };
     static const struct { const char *name, *to; } links[] = {
         {"fd", "/proc/self/fd"}, {"stdin", "/proc/self/fd/0"}, {"stdout", "/proc/self/fd/1"},
@@ -478,6 +478,12 @@ static void populate_dev(const char *dev)  /* "/newroot/dev" */
         snprintf(path, sizeof(path), "%s/%s", dev, links[i].name);
         symlink(links[i].to, path);
     }
+    /* The very console our stdio is open on (as runc bind-mounts the pty), so that
+     * ttyname() finds the same inode: a process can tell its terminal. Through
+     * /proc/self/fd/0: the kernel opened the initramfs's own /dev/console for us,
+     * which the devtmpfs on /dev now hides. */
+    snprintf(path, sizeof(path), "%s/console", dev);
+    mount("/proc/self/fd/0", path, NULL, MS_BIND, NULL);
 }
 
 static void fail(const char *what, const char *detail)
@@ -594,11 +600,16 @@ int main(void)
         close(fd);
     cmdline[n > 0 ? n : 0] = '\0';
 
-    int interactive;
+    int interactive, terminal = 0;
     struct request *request = NULL;
     if (cmdline_flag(cmdline, "vmm.mailbox") && (request = wait_for_request()) != NULL) {
         become_new_machine(request);
         interactive = (request->flags & REQUEST_INTERACTIVE) || request_argv(request, argv) == 0;
+        /* A container's process.terminal: its own args, on the console as a terminal. */
+        if (request->settings_bytes && request_argv(request, argv) > 0) {
+            terminal = interactive;
+            interactive = 0;
+        }
         if (request->settings_bytes) {
             char *settings = request->argv + request->argv_bytes;
             if (parse_settings(settings, settings + request->settings_bytes, &container) < 0 ||
@@ -614,7 +625,7 @@ int main(void)
     }
     char **args = interactive ? shell : argv;
 
-    if (!interactive) {
+    if (!interactive && !terminal) {
         /* The command's output goes to the host's stdout (a pipe, a file):
          * no tty post-processing, so "\n" stays "\n" rather than "\r\n". */
         struct termios tio;
@@ -659,7 +670,7 @@ int main(void)
         } else if (from_initramfs && root_given) {
             enter_root(root, cmdline_flag(cmdline, "ro"));
         }
-        if (interactive) {
+        if (interactive || terminal) {
             /* A session with the console as controlling tty: job control, ^C. */
             setsid();
             ioctl(0, TIOCSCTTY, 1);

@@ -85,7 +85,7 @@ def _runtime() -> Runtime:
 @main.command()
 @click.option("--bundle", "-b", default=".", show_default=True, help="The bundle directory.")
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Write the VMM's pid here.")
-@click.option("--console-socket", help="With process.terminal: where to send the pty (not yet).")
+@click.option("--console-socket", help="With process.terminal: where to send the pty's master.")
 @click.option("--no-pivot", is_flag=True, hidden=True)
 @click.option("--no-new-keyring", is_flag=True, hidden=True)
 @click.option("--preserve-fds", type=int, default=0, hidden=True)
@@ -103,8 +103,8 @@ def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket
 
     store = runtime.store
     spec = load_bundle(bundle)  # before anything is made: a bad bundle leaves nothing behind
-    if spec.terminal:
-        raise ContainerError("process.terminal is not supported yet (no console socket)")
+    if spec.terminal and not console_socket:
+        raise ContainerError("process.terminal needs --console-socket (where to send the pty)")
     directory, record = store.reserve(container_id, spec.bundle)
     try:
         record.rootfs, record.annotations = str(spec.root), spec.annotations
@@ -113,10 +113,13 @@ def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket
         build_root_image(spec, directory / "root.img")
         os.mkfifo(directory / "start.fifo", 0o600)
         read_fd, write_fd = os.pipe()
+        tty = _console(console_socket) if spec.terminal else None
         monitor = subprocess.Popen(
             [sys.executable, "-m", "vmm.oci.monitor", str(directory), str(write_fd)],
-            pass_fds=(write_fd,), start_new_session=True)
+            pass_fds=(write_fd,), start_new_session=True, stdin=tty, stdout=tty, stderr=tty)
         os.close(write_fd)
+        if tty is not None:
+            os.close(tty)
         with os.fdopen(read_fd) as ready:
             answer = _read_line(ready, READY_TIMEOUT_S)
         if answer != "ok":
@@ -130,6 +133,27 @@ def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket
     except BaseException:
         store.remove(container_id)
         raise
+
+
+def _console(console_socket: str) -> int:
+    """A pty for process.terminal: its master goes to --console-socket, its slave is returned.
+
+    As runc does (utils.SendFd): the slave's name as the message, the master's fd
+    as SCM_RIGHTS; containerd's shim then copies between the master and the client.
+    """
+    import socket
+
+    master, slave = os.openpty()
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.connect(console_socket)
+            socket.send_fds(sock, [os.ttyname(slave).encode()], [master])
+    except OSError as e:
+        os.close(slave)
+        raise ContainerError(f"--console-socket {console_socket}: {e.strerror or e}") from None
+    finally:
+        os.close(master)
+    return slave
 
 
 def _read_line(stream, timeout: float) -> str:

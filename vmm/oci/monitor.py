@@ -85,8 +85,10 @@ class ContainerRun(LinuxRun):
     """
 
     def __init__(self, config, start, *, store: Store, record: Record, settings: tuple[str, ...],
-                 root_image: Path, channel: StartChannel, ready_fd: int, **options) -> None:
+                 root_image: Path, channel: StartChannel, ready_fd: int, terminal: bool = False,
+                 **options) -> None:
         super().__init__(config, start, **options)
+        self.terminal = terminal  # process.terminal: our stdio is a pty, both ways
         self.store, self.record, self.settings = store, record, settings
         self.root_image, self.channel, self.ready_fd = root_image, channel, ready_fd
         self.started_ns = self.delivered_ns = 0  # `start` seen; the process handed to /init
@@ -107,8 +109,18 @@ class ContainerRun(LinuxRun):
         if not isinstance(self.start, BootToReady):  # booted on the placeholder
             self.insert_root_disk()
             settings += ("wait_root=1",)
-        deliver(self.machine.memory, extents, encode_request(self.config.command, settings=settings))
+        deliver(self.machine.memory, extents,
+                encode_request(self.config.command, interactive=self.terminal, settings=settings))
         self.delivered_ns = time.monotonic_ns()
+
+    def execute(self, stdin):
+        """With a terminal, what is typed on the pty goes to the guest's console."""
+        if not self.terminal:
+            return super().execute(stdin)
+        from vmm.console import InteractiveConsole
+
+        with InteractiveConsole(self.guest.serial.enqueue_input, lambda: None, fd=0, escape=False):
+            return super().execute(stdin)
 
     def insert_root_disk(self) -> None:
         """The container's root behind the disk the guest saw empty; tell its driver.
@@ -209,7 +221,8 @@ def main(argv: list[str]) -> int:
         channel = StartChannel(directory / "start.fifo")
         run = ContainerRun(config, start, store=store, record=record,
                            settings=guest_settings(spec), root_image=directory / "root.img",
-                           channel=channel, ready_fd=ready_fd, stdout=sys.stdout.buffer,
+                           channel=channel, ready_fd=ready_fd, terminal=spec.terminal,
+                           stdout=sys.stdout.buffer,
                            stderr=log, profile=_profile())
         run.build()
         try:
