@@ -102,6 +102,25 @@ def test_settings_carry_the_process_and_kernel_mounts(tmp_path):
     assert settings[-1] == "uid=5"  # the identity changes last, as runc does
 
 
+def test_one_container_at_a_time_boots_and_saves_a_base(tmp_path, monkeypatch):
+    """A second first-container of the same size boots on its own root instead of waiting."""
+    import fcntl
+
+    from vmm.oci import monitor
+
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path))
+    assert monitor.claim_base_build("k1")
+    held = monitor._claims[-1]
+    other = os.open(tmp_path / "oci" / "k1.building", os.O_RDWR)
+    with pytest.raises(BlockingIOError):  # what another VMM process meets
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert not monitor.claim_base_build("k1")  # and the claim says so
+    assert monitor.claim_base_build("k2")  # another size: its own base
+    for fd in (other, held, monitor._claims.pop()):
+        os.close(fd)
+    monitor._claims.remove(held)
+
+
 def test_mount_options_split_into_flags_and_data():
     flags, data = guest.mount_flags(("nosuid", "ro", "rw", "size=64k", "rprivate", "mode=755"))
     assert flags == guest.MS_NOSUID and data == "size=64k,mode=755"

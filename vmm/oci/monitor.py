@@ -166,8 +166,33 @@ def _start_for(config, root_disk, log):
         except SnapshotError as e:
             progress(f"the cached container base cannot be used ({e}); booting a new one")
             cache.discard(directory)
+    if not claim_base_build(key):
+        # Its placeholder disk is locked by that VMM (one writer per image): boot on our own root.
+        progress("another container is saving the container base: booting without saving")
+        return replace(config, disks=(root_disk,)), BootToReady()
     progress("first container of this size: booting, saving the container base")
     return config, SaveAtReady(cache.snapshot_cache_dir() / key, then_run=True, replace=True)
+
+
+_claims: list[int] = []  # lock fds held for this process's life
+
+
+def claim_base_build(key: str) -> bool:
+    """True if this process may boot and save the base ``key`` (no other one is doing it)."""
+    import fcntl
+
+    from vmm.cache import cache_dir
+
+    path = cache_dir() / "oci" / f"{key}.building"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _claims.append(fd)
+    return True
 
 
 def _profile():
