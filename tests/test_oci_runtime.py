@@ -121,6 +121,21 @@ def test_one_container_at_a_time_boots_and_saves_a_base(tmp_path, monkeypatch):
     monitor._claims.remove(held)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"env": [f"V{i}=x" for i in range(300)]}, "process.env: 300 entries; vmm's guest takes at most 256"),
+    ({"args": ["echo", "x" * 70000]}, "bytes; vmm's guest takes at most 65536"),
+    ({"user": {"uid": 0, "gid": 0, "additionalGids": list(range(40))}},
+     "process.user.additionalGids: 40 entries"),
+])
+def test_what_the_guest_has_no_room_for_is_refused_at_create(tmp_path, change, message):
+    root = tmp_path / "state"
+    process = {"args": ["true"], **change}
+    bundle = make_bundle(tmp_path / "b", process.pop("args"), **process)
+    result = runtime(root, "create", "--bundle", str(bundle), "c1")
+    assert result.returncode == 1 and message in result.stderr.decode(), result.stderr
+    assert not root.exists() or not any(root.iterdir())
+
+
 def test_mount_options_split_into_flags_and_data():
     flags, data = guest.mount_flags(("nosuid", "ro", "rw", "size=64k", "rprivate", "mode=755"))
     assert flags == guest.MS_NOSUID and data == "size=64k,mode=755"

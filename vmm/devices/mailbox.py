@@ -37,6 +37,11 @@ DESCRIPTOR_MAGIC = 0x524D4D56  # "VMMR"
 MAX_BUFFER = 1 << 20  # /init offers 64 KiB; anything over 1 MiB is nonsense
 
 SEED_BYTES = 64
+# What /init (vmm/images/init.c) has room for, passed to its build with -D.
+MAILBOX_SIZE = 64 * 1024  # its request buffer
+MAX_ARGS = 256  # argv entries, the terminating NULL included
+# A container's settings (vmm/oci/guest.py): entries of each repeated kind.
+MAX_ENV, MAX_MOUNTS, MAX_RLIMITS, MAX_GROUPS = 256, 32, 16, 32
 # struct request in vmm/images/init.c: magic, version, flags, argc, argv bytes,
 # realtime seconds and nanoseconds, seed bytes, seed, settings bytes, reserved.
 REQUEST_HEADER = struct.Struct(f"<IHHIIqII{SEED_BYTES}sII")

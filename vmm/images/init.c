@@ -57,13 +57,16 @@
 #ifndef MAILBOX_PORT
 #error "MAILBOX_PORT must be defined (vmm/arch/x86_64/layout.py)"
 #endif
+#if !defined(MAILBOX_SIZE) || !defined(MAX_ARGS) || !defined(MAX_ENV) || !defined(MAX_MOUNTS) || \
+    !defined(MAX_RLIMITS) || !defined(MAX_GROUPS)
+#error "the mailbox's sizes must be defined (vmm/devices/mailbox.py, via vmm/images/initramfs.py)"
+#endif
 #ifndef REQUEST_HEADER_SIZE
 #error "the mailbox constants must be defined (vmm/devices/mailbox.py, via vmm/images/initramfs.py)"
 #endif
 
 #define BOOT_TIMER_INIT_REACHED 1
 #define BOOT_TIMER_COMMAND_DONE 2
-#define MAX_ARGS 256
 #define CMDLINE_MAX 4096
 
 static void port_write(unsigned port, unsigned char value)
@@ -85,7 +88,6 @@ static void port_write(unsigned port, unsigned char value)
  * page of the buffer must be present before the descriptor goes out: the
  * memset does that (anonymous pages stay put: no swap in this guest).
  */
-#define MAILBOX_SIZE (64 * 1024)
 
 struct mailbox_descriptor {
     uint64_t address;   /* the request buffer, a virtual address in this process */
@@ -335,10 +337,6 @@ static int request_argv(struct request *request, char **argv)
  * only make system calls); the child applies them in the order runc does:
  * mounts, hostname, chroot, cwd, rlimits, groups, gid, uid, exec.
  */
-#define MAX_ENV 256
-#define MAX_MOUNTS 32
-#define MAX_RLIMITS 16
-#define MAX_GROUPS 32
 
 struct container_mount {
     char *type, *source, *target, *data;

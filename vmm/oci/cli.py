@@ -98,11 +98,12 @@ def create(bundle: str, pid_file: str | None, console_socket: str | None, no_piv
 
 def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket: str | None,
             container_id: str) -> int:
-    from vmm.oci.guest import build_root_image
+    from vmm.oci.guest import build_root_image, check_limits, settings
     from vmm.oci.spec import load_bundle
 
     store = runtime.store
     spec = load_bundle(bundle)  # before anything is made: a bad bundle leaves nothing behind
+    check_limits(spec, settings(spec))
     if spec.terminal and not console_socket:
         raise ContainerError("process.terminal needs --console-socket (where to send the pty)")
     directory, record = store.reserve(container_id, spec.bundle)

@@ -93,6 +93,28 @@ def settings(spec: ContainerSpec, root_device: str = ROOT_DEVICE) -> tuple[str, 
     return tuple(out)
 
 
+def check_limits(spec: ContainerSpec, settings: tuple[str, ...]) -> None:
+    """Refuse at create what the guest's /init has no room for (one line naming the field)."""
+    from vmm.devices import mailbox
+
+    where = f"{spec.bundle}/config.json"
+    kernel_mounts = sum(1 for m in spec.mounts if m.kind is MountKind.KERNEL)
+    counts = {
+        "process.args": (len(spec.args), mailbox.MAX_ARGS - 1),
+        "process.env": (len(spec.env), mailbox.MAX_ENV),
+        "mounts": (kernel_mounts, mailbox.MAX_MOUNTS),
+        "process.rlimits": (len(spec.rlimits), mailbox.MAX_RLIMITS),
+        "process.user.additionalGids": (len(spec.additional_gids), mailbox.MAX_GROUPS),
+    }
+    for name, (count, limit) in counts.items():
+        if count > limit:
+            raise BundleError(f"{where}: {name}: {count} entries; vmm's guest takes at most {limit}")
+    size = len(mailbox.encode_request(spec.args, settings=settings + ("wait_root=1",), seed=b""))
+    if size > mailbox.MAILBOX_SIZE:
+        raise BundleError(f"{where}: the process (args, env) and mounts take {size} bytes; "
+                          f"vmm's guest takes at most {mailbox.MAILBOX_SIZE}")
+
+
 def tree_size(root: Path) -> int:
     total = 0
     for directory, dirs, files in os.walk(root):
