@@ -61,6 +61,14 @@ def test_ctr_task_kill_stops_a_long_running_container(containerd):
     assert started.returncode == 0, started.stderr.decode()
     tasks = subprocess.run([*ctr, "task", "ls"], capture_output=True, text=True).stdout
     assert any(line.split()[:1] == ["sleeper"] and "RUNNING" in line for line in tasks.splitlines())
+    def status() -> str:
+        listed = subprocess.run([*ctr, "task", "ls"], capture_output=True, text=True).stdout
+        return next(line.split()[-1] for line in listed.splitlines() if line.startswith("sleeper"))
+
+    assert subprocess.run([*ctr, "task", "pause", "sleeper"], capture_output=True).returncode == 0
+    assert status() == "PAUSED"
+    assert subprocess.run([*ctr, "task", "resume", "sleeper"], capture_output=True).returncode == 0
+    assert status() == "RUNNING"
     assert subprocess.run([*ctr, "task", "kill", "sleeper"], capture_output=True).returncode == 0
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

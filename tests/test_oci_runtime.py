@@ -209,6 +209,11 @@ def create(root: Path, bundle: Path, container_id: str, out: Path, pid_file: Pat
     return created
 
 
+def _proc_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
 def _state(root: Path, container_id: str) -> dict:
     result = runtime(root, "state", container_id)
     assert result.returncode == 0, result.stderr
@@ -267,6 +272,11 @@ def test_kill_stops_a_running_container_with_the_signals_status(tmp_path):
     listed = json.loads(runtime(root, "list", "--format", "json").stdout)
     assert [(c["id"], c["status"]) for c in listed] == [("c2", "running")]
     assert json.loads(runtime(root, "ps", "--format", "json", "c2").stdout) == [pid]
+    assert runtime(root, "pause", "c2").returncode == 0
+    assert _state(root, "c2")["status"] == "paused" and _proc_state(pid) == "T"  # stopped
+    assert runtime(root, "pause", "c2").returncode == 1  # not running
+    assert runtime(root, "resume", "c2").returncode == 0
+    assert _state(root, "c2")["status"] == "running" and _proc_state(pid) != "T"
     assert runtime(root, "kill", "c2", "TERM").returncode == 0
     assert _wait(pid, 60) == 128 + 15
     record = Store(root).load("c2")

@@ -221,9 +221,34 @@ def kill(all_processes: bool, container_id: str, signal_name: str) -> None:
     """Send a signal to the container: to its VMM, which stops the VM (status 128+signal)."""
     sig = parse_signal(signal_name)
     record = _runtime().store.load(container_id)
-    if record.status not in (Status.CREATED, Status.RUNNING):
+    if record.status not in (Status.CREATED, Status.RUNNING, Status.PAUSED):
         raise ContainerError(f"container {container_id} is not running ({record.status})")
     os.kill(record.pid, sig)
+    if record.status is Status.PAUSED:
+        os.kill(record.pid, signal.SIGCONT)  # a stopped VMM would hold the signal until resumed
+
+
+@main.command()
+@click.argument("container_id")
+def pause(container_id: str) -> None:
+    """Freeze the container: SIGSTOP to its VMM stops every vCPU thread (the VM stands still)."""
+    _pause(_runtime().store, container_id, Status.RUNNING, Status.PAUSED, signal.SIGSTOP)
+
+
+@main.command()
+@click.argument("container_id")
+def resume(container_id: str) -> None:
+    """Thaw a paused container (SIGCONT to its VMM)."""
+    _pause(_runtime().store, container_id, Status.PAUSED, Status.RUNNING, signal.SIGCONT)
+
+
+def _pause(store: Store, container_id: str, before: Status, after: Status, sig) -> None:
+    record = store.load(container_id)
+    if record.status is not before:
+        raise ContainerError(f"container {container_id} is {record.status}, not {before}")
+    os.kill(record.pid, sig)
+    record.status = after
+    store.save(record)
 
 
 @main.command()
@@ -245,7 +270,9 @@ def _delete(store: Store, container_id: str, force: bool) -> None:
     if record.status is Status.RUNNING and not force:
         raise ContainerError(f"cannot delete container {container_id} that is not stopped: "
                              f"{record.status}")
-    if record.status in (Status.CREATED, Status.RUNNING, Status.CREATING) and store.alive(record):
+    if record.status is Status.PAUSED and not force:
+        raise ContainerError(f"cannot delete container {container_id} that is not stopped: paused")
+    if record.status is not Status.STOPPED and store.alive(record):
         os.kill(record.pid, signal.SIGKILL)  # a created one is killed, as runc does
         for _ in range(500):
             if not store.alive(record):
@@ -279,7 +306,7 @@ def list_(fmt: str, quiet: bool) -> None:
 def ps(fmt: str, container_id: str) -> None:
     """The host processes of the container: its VMM (the guest's processes are inside it)."""
     record = _runtime().store.load(container_id)
-    pids = [record.pid] if record.status in (Status.CREATED, Status.RUNNING) else []
+    pids = [record.pid] if record.status in (Status.CREATED, Status.RUNNING, Status.PAUSED) else []
     if fmt == "json":
         click.echo(json.dumps(pids))
     else:

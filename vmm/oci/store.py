@@ -8,8 +8,9 @@
                           ready point reads it (runc's exec.fifo, turned around)
 
 The status follows the OCI runtime spec (runtime.md): creating -> created ->
-running -> stopped. The VMM process (vmm/oci/monitor.py) writes created and
-running; stopped is what a dead VMM process means, whatever the file says.
+running -> stopped, and runc's paused. The VMM process (vmm/oci/monitor.py)
+writes created and running, `pause`/`resume` paused and running; stopped is what
+a dead VMM process means, whatever the file says.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Status(StrEnum):
     CREATING = "creating"
     CREATED = "created"
     RUNNING = "running"
+    PAUSED = "paused"  # runc's addition to the spec's four: `pause` until `resume`
     STOPPED = "stopped"
 
 
@@ -137,7 +139,7 @@ def oci_state(record: Record) -> dict:
     state = {"ociVersion": OCI_VERSION, "id": record.id, "status": str(record.status),
              "bundle": record.bundle, "rootfs": record.rootfs,
              "created": record.created, "owner": ""}
-    if record.status in (Status.CREATED, Status.RUNNING):
+    if record.status in (Status.CREATED, Status.RUNNING, Status.PAUSED):
         state["pid"] = record.pid
     else:
         state["pid"] = 0
