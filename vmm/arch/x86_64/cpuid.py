@@ -6,9 +6,9 @@ features that KVM can virtualize, with the host's own identity in some fields
 that into the table each vCPU is given with ``KVM_SET_CPUID2``, as
 Firecracker's ``cpu_config/x86_64/cpuid`` normalization and kvmtool's
 ``x86/cpuid.c`` do. On hardware KVM the guest's ``cpuid`` instruction returns
-exactly this table. (On KVM PVM it returns the host's values whatever the table
-says; KVM still uses the table for its own checks, e.g. EFER.LME needs the
-long-mode bit.)
+exactly this table. (On KVM PVM the guest kernel's ``cpuid`` runs in KVM's
+emulator and returns it too; only the guest's user-mode code reads the host's
+own values: docs/cpu-model.md.)
 
 What vmm changes, and why (each change is recorded, for ``vmm check --cpuid``):
 
@@ -173,16 +173,16 @@ class _Table:
             why: str) -> None:
         """Set a whole leaf, adding it if KVM's table lacks it."""
         if not self.has(function, index):
-            self.leaves[function, index] = [flags, 0, 0, 0, 0]
+            self.leaves[function, index] = [flags, *values]
             self.changes.append(Change(function, index, "", None, None, "added: " + why))
-            self.leaves[function, index][1:] = list(values)
             return
         self.leaves[function, index][0] = flags
         for register, value in zip(REGISTERS, values):
             self.set(function, index, register, value, why)
 
-    def remove(self, function: int, why: str) -> None:
-        for key in [k for k in self.leaves if k[0] == function]:
+    def remove(self, function: int, why: str, *, from_index: int = 0) -> None:
+        """Drop the leaf's subleaves from ``from_index`` on (all of them by default)."""
+        for key in [k for k in self.leaves if k[0] == function and k[1] >= from_index]:
             del self.leaves[key]
             self.changes.append(Change(key[0], key[1], "", None, None, "removed: " + why))
 
@@ -246,21 +246,16 @@ def _topology(table: _Table, guest: GuestCpu) -> None:
     apic_id = guest.vcpu_id
     why = f"{guest.cpus} vCPU(s) = cores of one socket, one thread each"
     # Leaf 4: EAX[31:26] cores in the package - 1; EAX[25:14] logical CPUs
-    # sharing the cache - 1: L1/L2 are a core's own, the last level the socket's.
-    levels = [(i, (table.get(LEAF_CACHE, i, "eax") >> 5) & 7) for i in table.subleaves(LEAF_CACHE)
-              if table.get(LEAF_CACHE, i, "eax") & 0x1F]  # EAX[4:0] 0: no more caches
-    last = max((level for _i, level in levels), default=0)
-    for index, level in levels:
+    # sharing the cache - 1.
+    for index, shared in _caches(table, LEAF_CACHE):
         eax = table.get(LEAF_CACHE, index, "eax") & 0x3FFF
-        sharing = cores - 1 if level == last and level > 2 else 0
+        sharing = cores - 1 if shared else 0
         table.set(LEAF_CACHE, index, "eax", eax | ((cores - 1) << 26) | (sharing << 14), why)
     # Leaves 0xB and 0x1F: SMT level (1 thread), core level (the whole VM), end.
     for leaf in (LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2):
         if not table.has(leaf) or table.max_basic() < leaf:
             continue
-        for index in table.subleaves(leaf):
-            if index > 2:
-                del table.leaves[leaf, index]
+        table.remove(leaf, "levels beyond the core: " + why, from_index=3)
         table.put(leaf, 0, FLAG_SIGNIFICANT_INDEX, (0, 1, TOPOLOGY_LEVEL_SMT << 8, apic_id), why)
         table.put(leaf, 1, FLAG_SIGNIFICANT_INDEX,
                   (shift, guest.cpus, (TOPOLOGY_LEVEL_CORE << 8) | 1, apic_id), why)
@@ -272,20 +267,27 @@ def _topology(table: _Table, guest: GuestCpu) -> None:
     if table.has(LEAF_AMD_SIZES):
         ecx = table.get(LEAF_AMD_SIZES, 0, "ecx") & ~0xF0FF
         table.set(LEAF_AMD_SIZES, 0, "ecx", ecx | (shift << 12) | (guest.cpus - 1), why)
-    amd_levels = [(i, (table.get(LEAF_AMD_CACHE, i, "eax") >> 5) & 7)
-                  for i in table.subleaves(LEAF_AMD_CACHE)
-                  if table.get(LEAF_AMD_CACHE, i, "eax") & 0x1F]
-    amd_last = max((level for _i, level in amd_levels), default=0)
-    for index, level in amd_levels:
+    for index, shared in _caches(table, LEAF_AMD_CACHE):
         eax = table.get(LEAF_AMD_CACHE, index, "eax") & ~(0xFFF << 14)
-        sharing = cores - 1 if level == amd_last and level > 2 else 0
-        table.set(LEAF_AMD_CACHE, index, "eax", eax | (sharing << 14), why)
+        table.set(LEAF_AMD_CACHE, index, "eax", eax | ((cores - 1 if shared else 0) << 14), why)
     topoext = (table.has(LEAF_EXT_FEATURES)
                and table.get(LEAF_EXT_FEATURES, 0, "ecx") & EXT_FEATURES_ECX_TOPOEXT)
     if topoext and table.has(LEAF_AMD_TOPOLOGY):
         # EAX extended APIC id; EBX[15:8] threads per core - 1, EBX[7:0] core id;
         # ECX[10:8] nodes per socket - 1, ECX[7:0] node id.
         table.put(LEAF_AMD_TOPOLOGY, 0, 0, (apic_id, apic_id & 0xFF, 0, 0), why)
+
+
+def _caches(table: _Table, leaf: int) -> list[tuple[int, bool]]:
+    """(subleaf, shared by the socket?) for each cache a leaf 4 / 0x8000001D lists.
+
+    EAX[4:0] is the cache type (0: no more caches), EAX[7:5] its level: L1 and
+    L2 are a core's own, the last level beyond L2 is the whole socket's.
+    """
+    levels = [(i, (table.get(leaf, i, "eax") >> 5) & 7) for i in table.subleaves(leaf)
+              if table.get(leaf, i, "eax") & 0x1F]
+    last = max((level for _i, level in levels), default=0)
+    return [(index, level == last and level > 2) for index, level in levels]
 
 
 def _tsc_frequency(table: _Table, guest: GuestCpu) -> None:
