@@ -397,16 +397,10 @@ class CtrVmmContender(CtrRuncContender):
 
 def build_runc_bundle(workdir: Path, runc: str) -> tuple[Path, Path]:
     """An OCI bundle: rootfs with static busybox, config.json from `runc spec`, edited."""
-    from vmm.images.initramfs import default_busybox
+    from vmm.images.initramfs import busybox_root
 
-    busybox = default_busybox()
     bundle = workdir / "bundle"
-    rootfs = bundle / "rootfs"
-    for directory in ("bin", "proc", "sys", "dev", "tmp", "etc"):
-        (rootfs / directory).mkdir(parents=True, exist_ok=True)
-    shutil.copy2(busybox, rootfs / "bin" / "busybox")
-    for applet in ("sh", "echo"):
-        (rootfs / "bin" / applet).symlink_to("busybox")
+    busybox_root(bundle / "rootfs", ("sh", "echo"))
     result = subprocess.run([runc, "spec", "--bundle", str(bundle)], capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"runc spec: {_last_line(result.stderr)}")

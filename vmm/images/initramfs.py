@@ -86,6 +86,28 @@ def _port_defines() -> list[str]:
             f"-DMAX_RLIMITS={mailbox.MAX_RLIMITS}", f"-DMAX_GROUPS={mailbox.MAX_GROUPS}"]
 
 
+#: The directories a container's minimal root has (its mounts land on them).
+BUSYBOX_ROOT_DIRS = ("bin", "proc", "sys", "dev", "tmp", "etc")
+
+
+def busybox_root(root: Path, applets: tuple[str, ...] | list[str]) -> Path:
+    """A minimal root file system at ``root``: our busybox as /bin/busybox, links for ``applets``.
+
+    What the OCI bundles and images of the tests and benchmarks hold (a container
+    of busybox, as `docker run busybox` would be).
+    """
+    import shutil
+
+    for directory in BUSYBOX_ROOT_DIRS:
+        (root / directory).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(default_busybox(), root / "bin" / "busybox")
+    for applet in applets:
+        link = root / "bin" / applet
+        if not link.is_symlink():
+            link.symlink_to("busybox")
+    return root
+
+
 def initramfs_key(busybox: Path) -> str:
     digest = hasher()
     digest.update(INIT_SOURCE.read_bytes())

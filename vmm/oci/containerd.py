@@ -8,7 +8,6 @@ image without a registry (vmm/oci/imagelayout.py).
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -80,17 +79,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
 def image_from_busybox(work: Path, name: str = BUSYBOX_IMAGE) -> Path:
     """An OCI archive of a busybox image (our static busybox and a few applet links)."""
-    from vmm.images.initramfs import default_busybox
+    from vmm.images.initramfs import busybox_root
     from vmm.oci.imagelayout import write_image_archive
 
-    root = Path(work) / "image-root"
-    for sub in ("bin", "proc", "sys", "dev", "tmp", "etc"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copy(default_busybox(), root / "bin" / "busybox")
-    for applet in APPLETS:
-        link = root / "bin" / applet
-        if not link.is_symlink():
-            os.symlink("busybox", link)
+    root = busybox_root(Path(work) / "image-root", APPLETS)
     archive = Path(work) / "image.tar"
     write_image_archive(root, name, archive)
     return archive
