@@ -9,10 +9,8 @@ start / state / delete, create / start / kill, and a created container deleted.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from tests.guest import BOOT_TIMEOUT
 from tests.test_oci_spec import CONTAINERD_LIKE
 from vmm.devices import mailbox
 from vmm.oci import guest
+from vmm.oci.cli import set_child_subreaper
 from vmm.oci.spec import load_bundle
 from vmm.oci.store import ContainerError, Record, Status, Store, check_id, oci_state
 
@@ -42,14 +41,10 @@ def runtime(root: Path, *args: str, log: Path | None = None, timeout: float = 60
 
 def make_bundle(directory: Path, args: list[str], **process) -> Path:
     """A bundle whose rootfs is our static busybox and a few applet links."""
-    from vmm.images.initramfs import default_busybox
+    from vmm.images.initramfs import busybox_root
 
-    rootfs = directory / "rootfs"
-    for sub in ("bin", "proc", "sys", "dev", "tmp", "etc", "work"):
-        (rootfs / sub).mkdir(parents=True, exist_ok=True)
-    shutil.copy(default_busybox(), rootfs / "bin" / "busybox")
-    for applet in APPLETS:
-        os.symlink("busybox", rootfs / "bin" / applet)
+    rootfs = busybox_root(directory / "rootfs", APPLETS)
+    (rootfs / "work").mkdir()
     config = json.loads(json.dumps(CONTAINERD_LIKE))
     config["process"].update(args=args, **process)
     (directory / "config.json").write_text(json.dumps(config))
@@ -183,11 +178,6 @@ def test_features_lists_what_vmm_supports(tmp_path):
 
 
 # --- with KVM: the runc flows -----------------------------------------------------------------
-def _become_subreaper() -> None:
-    """As containerd's shim is: the VMM outlives `create`, and we wait for it."""
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-
-
 def _wait(pid: int, timeout: float) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -223,7 +213,7 @@ def _state(root: Path, container_id: str) -> dict:
 @pytest.mark.boot
 @pytest.mark.kvm
 def test_create_state_start_state_delete(tmp_path):
-    _become_subreaper()
+    set_child_subreaper()  # as containerd's shim: we wait for the VMM
     script = ("echo hello from $(hostname) as $(id -u):$(id -g) in $(pwd); env | sort; "
               "grep 'open files' /proc/self/limits; ls /dev; echo data > /work/file; "
               "cat /work/file; exit 7")
@@ -257,7 +247,7 @@ def test_create_state_start_state_delete(tmp_path):
 @pytest.mark.boot
 @pytest.mark.kvm
 def test_kill_stops_a_running_container_with_the_signals_status(tmp_path):
-    _become_subreaper()
+    set_child_subreaper()  # as containerd's shim: we wait for the VMM
     bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", "echo up; sleep 600"])
     root, out = tmp_path / "state", tmp_path / "stdout"
     create(root, bundle, "c2", out, tmp_path / "pid")

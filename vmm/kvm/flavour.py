@@ -47,16 +47,21 @@ class FlavourEvidence:
     why: str
 
 
-def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
-    """The first CPU's flags in /proc/cpuinfo (empty if unreadable)."""
+def cpuinfo_field(name: str, cpuinfo: Path = CPUINFO) -> str | None:
+    """The first CPU's ``name`` field in /proc/cpuinfo ("model name", "flags"), or None."""
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    """The first CPU's flags in /proc/cpuinfo (empty if unreadable)."""
+    return frozenset((cpuinfo_field("flags", cpuinfo) or "").split())
 
 
 def flavour_evidence(sys_module: Path = SYS_MODULE, cpuinfo: Path = CPUINFO) -> FlavourEvidence:
@@ -102,13 +107,9 @@ def detect_flavour(sys_module: Path = SYS_MODULE, cpuinfo: Path = CPUINFO) -> Fl
 
 def cpu_model() -> str:
     """The host CPU's model name, as /proc/cpuinfo gives it (printed beside every figure)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    name = cpuinfo_field("model name")
+    if name is not None:
+        return name
     import platform
 
     return platform.processor() or "unknown"

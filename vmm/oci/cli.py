@@ -106,10 +106,8 @@ def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket
     check_limits(spec, settings(spec))
     if spec.terminal and not console_socket:
         raise ContainerError("process.terminal needs --console-socket (where to send the pty)")
-    directory, record = store.reserve(container_id, spec.bundle)
+    directory, _record = store.reserve(container_id, spec.bundle, spec.root, spec.annotations)
     try:
-        record.rootfs, record.annotations = str(spec.root), spec.annotations
-        store.save(record)
         (directory / "config.json").write_bytes((bundle / "config.json").read_bytes())
         build_root_image(spec, directory / "root.img")
         os.mkfifo(directory / "start.fifo", 0o600)
@@ -325,7 +323,7 @@ def run(bundle: str, pid_file: str | None, detach: bool, console_socket: str | N
         container_id: str) -> None:
     """create + start; without --detach wait, delete, and exit with the process's status."""
     runtime = _runtime()
-    _set_child_subreaper()  # the VMM outlives create's child: we must be able to wait for it
+    set_child_subreaper()  # the VMM outlives create's child: we must be able to wait for it
     pid = _create(runtime, Path(bundle), pid_file, console_socket, container_id)
     _start(runtime.store, container_id)
     if detach:
@@ -336,7 +334,8 @@ def run(bundle: str, pid_file: str | None, detach: bool, console_socket: str | N
              128 + os.WTERMSIG(status))
 
 
-def _set_child_subreaper() -> None:
+def set_child_subreaper() -> None:
+    """Become what containerd's shim is: the parent of orphans below us (the VMM outlives create)."""
     import ctypes
 
     PR_SET_CHILD_SUBREAPER = 36

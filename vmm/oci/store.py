@@ -86,7 +86,8 @@ class Store:
     def directory(self, container_id: str) -> Path:
         return self.root / check_id(container_id)
 
-    def reserve(self, container_id: str, bundle: Path) -> tuple[Path, Record]:
+    def reserve(self, container_id: str, bundle: Path, rootfs: Path | None = None,
+                annotations: dict[str, str] | None = None) -> tuple[Path, Record]:
         """A new container's directory; refuses an ID that exists (atomically: mkdir)."""
         directory = self.directory(container_id)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o711)
@@ -94,7 +95,8 @@ class Store:
             directory.mkdir(mode=0o700)
         except FileExistsError:
             raise ContainerError(f"container with id exists: {container_id}") from None
-        record = Record(container_id, str(bundle),
+        record = Record(container_id, str(bundle), str(rootfs or ""),
+                        annotations=dict(annotations or {}),
                         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.save(record)
         return directory, record
