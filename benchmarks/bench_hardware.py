@@ -71,16 +71,12 @@ def check() -> dict:
 
 
 def cpuid_table() -> dict:
-    import contextlib
-
     from vmm.arch.x86_64 import cpu, cpuid
     from vmm.kvm.flavour import detect_flavour
     from vmm.kvm.system import Kvm
 
-    with Kvm() as kvm, contextlib.closing(kvm.create_vm()) as vm, \
-            contextlib.closing(vm.create_vcpu(0)) as bsp:
-        model = cpu.guest_cpus(kvm, bsp, 1, detect_flavour())[0]
-        table = cpuid.normalize(kvm.get_supported_cpuid(), model)
+    with Kvm() as kvm:
+        model, table = cpu.guest_table(kvm, detect_flavour(), 1)
     return {
         "vendor": cpuid.vendor(table.entries),
         "paravirt": model.paravirt, "tsc_deadline": model.tsc_deadline, "tsc_khz": model.tsc_khz,

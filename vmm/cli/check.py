@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
 
 import click
@@ -76,9 +75,7 @@ def _print_cpuid(kvm, flavour, cpus: int, vcpu: int) -> None:
     from vmm.arch.x86_64 import cpu, cpuid
     from vmm.kvm.flavour import Flavour
 
-    with contextlib.closing(kvm.create_vm()) as vm, contextlib.closing(vm.create_vcpu(0)) as bsp:
-        model = cpu.guest_cpus(kvm, bsp, cpus, flavour)[vcpu]
-    table = cpuid.normalize(kvm.get_supported_cpuid(), model)
+    model, table = cpu.guest_table(kvm, flavour, cpus, vcpu)
     click.echo(f"CPUID of vCPU {vcpu} of a {cpus}-vCPU guest: KVM_GET_SUPPORTED_CPUID with vmm's "
                f"changes (vmm/arch/x86_64/cpuid.py); TSC {model.tsc_khz or '?'} kHz, "
                f"TSC-deadline {'yes' if model.tsc_deadline else 'no'}")

@@ -27,6 +27,19 @@ def guest_cpus(kvm: Kvm, bsp: Vcpu, cpus: int, flavour) -> list["cpuid.GuestCpu"
             for vcpu_id in range(cpus)]
 
 
+def guest_table(kvm: Kvm, flavour, cpus: int, vcpu_id: int = 0
+                ) -> tuple["cpuid.GuestCpu", "cpuid.CpuTable"]:
+    """The table vCPU ``vcpu_id`` of a ``cpus``-vCPU guest would get (a throw-away VM asks KVM).
+
+    For `vmm check --cpuid` and benchmarks/bench_hardware.py; a boot sets its vCPUs' own.
+    """
+    import contextlib
+
+    with contextlib.closing(kvm.create_vm()) as vm, contextlib.closing(vm.create_vcpu(0)) as bsp:
+        model = guest_cpus(kvm, bsp, cpus, flavour)[vcpu_id]
+    return model, cpuid.normalize(kvm.get_supported_cpuid(), model)
+
+
 def setup_cpuid(vcpu: Vcpu, supported: list[cpuid.Entry], guest: "cpuid.GuestCpu") -> None:
     """KVM_SET_CPUID2 with vmm's normalized table for this vCPU."""
     vcpu.set_cpuid2(cpuid.normalize(supported, guest).entries)
