@@ -85,12 +85,12 @@ class ContainerRun(LinuxRun):
     """
 
     def __init__(self, config, start, *, store: Store, record: Record, settings: tuple[str, ...],
-                 root_image: Path, channel: StartChannel, ready_fd: int, terminal: bool = False,
+                 root_image: Path, channel: StartChannel, ready: ReadyPipe, terminal: bool = False,
                  **options) -> None:
         super().__init__(config, start, **options)
         self.terminal = terminal  # process.terminal: our stdio is a pty, both ways
         self.store, self.record, self.settings = store, record, settings
-        self.root_image, self.channel, self.ready_fd = root_image, channel, ready_fd
+        self.root_image, self.channel, self.ready = root_image, channel, ready
         self.started_ns = self.delivered_ns = 0  # `start` seen; the process handed to /init
 
     def deliver(self, extents) -> None:
@@ -98,8 +98,7 @@ class ContainerRun(LinuxRun):
 
         self.record.status = Status.CREATED
         self.store.save(self.record)
-        _tell(self.ready_fd, "ok")
-        self.ready_fd = -1
+        self.ready.tell("ok")
         if not self.channel.wait(lambda: self.runner.outcome is not None):
             return  # stopped (killed) before start: the run ends with the signal's status
         self.started_ns = time.monotonic_ns()
@@ -213,13 +212,25 @@ def _log_phases(log, phases: dict[str, int], run: "ContainerRun") -> None:
     print("phases: " + ", ".join(f"{k} {(v - base) / 1e6:.1f}" for v, k in order), file=log)
 
 
-def _tell(fd: int, line: str) -> None:
-    if fd >= 0:
+class ReadyPipe:
+    """The pipe `create` waits on: told once ("ok" or "error: ..."), then closed.
+
+    Once: after "ok" the pipe is closed and its number may name another file,
+    so a later error must not be written there.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def tell(self, line: str) -> None:
+        if self.fd < 0:
+            return
         try:
-            os.write(fd, (line + "\n").encode())
+            os.write(self.fd, (line + "\n").encode())
         except OSError:
-            pass
-        os.close(fd)
+            pass  # create is gone: nobody to tell
+        os.close(self.fd)
+        self.fd = -1
 
 
 def main(argv: list[str]) -> int:
@@ -228,7 +239,7 @@ def main(argv: list[str]) -> int:
     from vmm.oci.spec import parse_config
     from vmm.runner import install_stop_signals
 
-    directory, ready_fd = Path(argv[0]), int(argv[1])
+    directory, ready = Path(argv[0]), ReadyPipe(int(argv[1]))
     store = Store(directory.parent)
     log = open(directory / "vmm.log", "a", buffering=1)
     record = None
@@ -246,7 +257,7 @@ def main(argv: list[str]) -> int:
         channel = StartChannel(directory / "start.fifo")
         run = ContainerRun(config, start, store=store, record=record,
                            settings=guest_settings(spec), root_image=directory / "root.img",
-                           channel=channel, ready_fd=ready_fd, terminal=spec.terminal,
+                           channel=channel, ready=ready, terminal=spec.terminal,
                            stdout=sys.stdout.buffer,
                            stderr=log, profile=_profile())
         run.build()
@@ -261,12 +272,12 @@ def main(argv: list[str]) -> int:
             channel.close()
     except VmmError as e:
         print(f"vmm-runtime: {e}", file=log)
-        _tell(ready_fd, f"error: {e}")
+        ready.tell(f"error: {e}")
         status = EXIT_VMM_ERROR
     except OSError as e:
         message = f"{e.filename or ''}: {os.strerror(e.errno or errno.EIO)}".lstrip(": ")
         print(f"vmm-runtime: {message}", file=log)
-        _tell(ready_fd, f"error: {message}")
+        ready.tell(f"error: {message}")
         status = EXIT_VMM_ERROR
     if record is not None:
         record.status, record.exit_status = Status.STOPPED, status
