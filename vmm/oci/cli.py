@@ -22,7 +22,7 @@ from pathlib import Path
 import click
 
 from vmm.errors import VmmError
-from vmm.oci.store import DEFAULT_ROOT, ContainerError, Status, Store, oci_state
+from vmm.oci.store import DEFAULT_ROOT, ContainerError, Status, Store, oci_state, write_atomically
 
 READY_TIMEOUT_S = 900  # a cold boot on a PVM host takes ~11 s; a first one builds the kernel
 
@@ -127,7 +127,7 @@ def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket
             raise ContainerError(answer.removeprefix("error: ") if answer else
                                  f"the VM did not reach its ready point (see {directory}/vmm.log)")
         if pid_file:
-            _write_atomically(Path(pid_file), f"{monitor.pid}")
+            write_atomically(Path(pid_file), f"{monitor.pid}")
         return monitor.pid
     except BaseException:
         store.remove(container_id)
@@ -160,12 +160,6 @@ def _read_line(stream, timeout: float) -> str:
 
     ready, _, _ = select.select([stream], [], [], timeout)
     return stream.readline().strip() if ready else ""
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 @main.command()

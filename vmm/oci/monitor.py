@@ -33,7 +33,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vmm.errors import VmmError
-from vmm.oci.store import Record, Status, Store, process_start_time
+from vmm.oci.store import Record, Status, Store, process_start_time, write_atomically
 from vmm.outcome import EXIT_VMM_ERROR
 from vmm.session import BootToReady, LinuxRun, SaveAtReady
 
@@ -71,9 +71,7 @@ def base_disk() -> Path:
     path = cache_dir() / "oci" / "empty-disk.img"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}")
-        partial.touch()
-        os.replace(partial, path)
+        write_atomically(path, "")
     return path
 
 

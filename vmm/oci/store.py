@@ -57,6 +57,16 @@ class Record:
     exit_status: int | None = None
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` whole: readers see the old file or the new one, never half of either.
+
+    The partial file is this process's own: the VMM and a `pause` may save at once.
+    """
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def check_id(container_id: str) -> str:
     if not ID_PATTERN.fullmatch(container_id) or container_id in (".", ".."):
         raise ContainerError(f"invalid container ID {container_id!r}: letters, digits, "
@@ -102,10 +112,7 @@ class Store:
         return directory, record
 
     def save(self, record: Record) -> None:
-        path = self.directory(record.id) / "state.json"
-        partial = path.with_name("state.json.partial")
-        partial.write_text(json.dumps(asdict(record)))
-        os.replace(partial, path)
+        write_atomically(self.directory(record.id) / "state.json", json.dumps(asdict(record)))
 
     def load(self, container_id: str) -> Record:
         path = self.directory(container_id) / "state.json"
