@@ -214,12 +214,12 @@ def _state(root: Path, container_id: str) -> dict:
 @pytest.mark.kvm
 def test_create_state_start_state_delete(tmp_path):
     set_child_subreaper()  # as containerd's shim: we wait for the VMM
-    script = ("echo hello from $(hostname) as $(id -u):$(id -g) in $(pwd); env | sort; "
+    script = ("echo hello from $(hostname) as $(id -u):$(id -g) in $(pwd) groups $(id -G); env | sort; "
               "grep 'open files' /proc/self/limits; ls /dev; echo data > /work/file; "
               "cat /work/file; exit 7")
     env = ["PATH=/bin", "GREETING=hi there"]
     bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", script], cwd="/work", env=env,
-                         user={"uid": 1000, "gid": 1000})
+                         user={"uid": 1000, "gid": 1000, "additionalGids": [10, 20]})
     os.chown(bundle / "rootfs" / "work", 1000, 1000)  # owners reach the guest's root disk
     root, out, pid_file = tmp_path / "state", tmp_path / "stdout", tmp_path / "pid"
     created = create(root, bundle, "c1", out, pid_file)
@@ -235,7 +235,7 @@ def test_create_state_start_state_delete(tmp_path):
     assert _wait(pid, 120) == 7  # the VMM's status is the process's
     assert _state(root, "c1")["status"] == "stopped"
     lines = out.read_text().splitlines()
-    assert lines[0] == "hello from box as 1000:1000 in /work"
+    assert lines[0] == "hello from box as 1000:1000 in /work groups 1000 10 20"
     assert lines[1:4] == ["GREETING=hi there", "PATH=/bin", "PWD=/work"]  # exactly its env
     assert "Max open files            1024                 1024" in lines[5]
     assert {"null", "zero", "urandom", "pts", "shm", "ptmx"} <= set(" ".join(lines[6:]).split())

@@ -404,8 +404,11 @@ static int parse_settings(char *p, char *end, struct container *c)
         } else if (!strcmp(p, "gid")) {
             c->gid = (gid_t)strtoul(value, NULL, 10);
         } else if (!strcmp(p, "groups")) {
-            for (char *g = value; *g && c->groupc < MAX_GROUPS; g += strcspn(g, ",") + (g[strcspn(g, ",")] == ',')) 
+            for (char *g = value; *g && c->groupc < MAX_GROUPS;) {
+                size_t len = strcspn(g, ",");
                 c->groups[c->groupc++] = (gid_t)strtoul(g, NULL, 10);
+                g += len + (g[len] == ',');
+            }
         } else if (!strcmp(p, "rlimit")) {
             if (c->rlimitc >= MAX_RLIMITS)
                 return -1;
