@@ -25,6 +25,7 @@ from vmm.oci import guest
 from vmm.oci.cli import set_child_subreaper
 from vmm.oci.spec import load_bundle
 from vmm.oci.store import ContainerError, Record, Status, Store, check_id, oci_state
+from vmm.snapshot.cache import snapshot_cache_dir
 
 RUNTIME = [sys.executable, "-m", "vmm.oci"]
 APPLETS = "sh echo cat hostname id pwd env ls sleep mount sort grep head".split()
@@ -82,8 +83,10 @@ def test_settings_carry_the_process_and_kernel_mounts(tmp_path):
     config["mounts"].append({"destination": "/etc/resolv.conf", "type": "bind",
                              "source": str(host_file), "options": ["rbind", "ro"]})
     (bundle / "config.json").write_text(json.dumps(config))
-    settings = guest.settings(load_bundle(bundle))
-    assert settings[0] == "root=/dev/vda"
+    spec = load_bundle(bundle)
+    root = guest.root_settings(spec, ("/bin/busybox",))
+    assert root[0] == "root=/dev/vda" and root[-1] == "preload=/bin/busybox"
+    settings = root + guest.process_settings(spec)
     mounts = [s.removeprefix("mount=").split("\t") for s in settings if s.startswith("mount=")]
     by_target = {m[2]: m for m in mounts}
     assert set(by_target) == {"/proc", "/dev", "/dev/pts", "/dev/shm", "/sys", "/run"}  # no mqueue
@@ -243,6 +246,36 @@ def test_create_state_start_state_delete(tmp_path):
     assert runtime(root, "delete", "c1").returncode == 0
     assert not (root / "c1").exists()
 
+    # The same root again: restored from the image base c1 saved (root mounted, busybox
+    # cached), on a copy of the disk as it was then: c1's writes are not there.
+    config = json.loads((bundle / "config.json").read_text())
+    config["process"]["args"] = ["sh", "-c", "cat /work/file 2>&1; echo second"]
+    (bundle / "config.json").write_text(json.dumps(config))
+    status, output, log = _run_container(root, bundle, "c1b", tmp_path / "out-b")
+    assert (status, output) == (0, "cat: can't open '/work/file': No such file or directory\nsecond\n")
+    assert "restoring the image base" in log, log
+    base = snapshot_cache_dir() / log.split("restoring the image base ")[1].split()[0]
+
+    # An image base whose disk was written is refused (its guest caches the old blocks):
+    # the container still runs, and a new base is made.
+    with open(base / "disk0.img", "r+b") as disk:
+        disk.write(disk.read(1))
+    status, output, log = _run_container(root, bundle, "c1c", tmp_path / "out-c")
+    assert status == 0 and output.endswith("second\n")
+    assert "the image base cannot be used" in log and "was written since" in log, log
+    assert "image base: snapshot saved" in log, log
+
+
+def _run_container(root: Path, bundle: Path, container_id: str, out: Path) -> tuple[int, str, str]:
+    """create, start, wait, delete: (the process's status, its output, the VMM's log)."""
+    create(root, bundle, container_id, out, out.with_name(out.name + ".pid"))
+    pid = int(out.with_name(out.name + ".pid").read_text())
+    assert runtime(root, "start", container_id).returncode == 0
+    status = _wait(pid, 120)
+    log = (root / container_id / "vmm.log").read_text()
+    assert runtime(root, "delete", container_id).returncode == 0
+    return status, out.read_text(), log
+
 
 @pytest.mark.boot
 @pytest.mark.kvm
@@ -276,7 +309,7 @@ def test_kill_stops_a_running_container_with_the_signals_status(tmp_path):
     # The container base exists now (this test's create made it, or an earlier one):
     # the next create restores it instead of booting, and delete kills a created one.
     create(root, bundle, "c3", tmp_path / "stdout3", tmp_path / "pid3")
-    assert "booting" not in (root / "c3" / "vmm.log").read_text()
+    assert "restoring the image base" in (root / "c3" / "vmm.log").read_text()  # c2's root
     pid = int((tmp_path / "pid3").read_text())
     assert _state(root, "c3")["status"] == "created"
     assert runtime(root, "delete", "c3").returncode == 0

@@ -41,13 +41,16 @@ SEED_BYTES = 64
 MAILBOX_SIZE = 64 * 1024  # its request buffer
 MAX_ARGS = 256  # argv entries, the terminating NULL included
 # A container's settings (vmm/oci/guest.py): entries of each repeated kind.
-MAX_ENV, MAX_MOUNTS, MAX_RLIMITS, MAX_GROUPS = 256, 32, 16, 32
+MAX_ENV, MAX_MOUNTS, MAX_RLIMITS, MAX_GROUPS, MAX_PRELOAD = 256, 32, 16, 32, 64
 # struct request in vmm/images/init.c: magic, version, flags, argc, argv bytes,
 # realtime seconds and nanoseconds, seed bytes, seed, settings bytes, reserved.
 REQUEST_HEADER = struct.Struct(f"<IHHIIqII{SEED_BYTES}sII")
 REQUEST_MAGIC = 0x51524D56  # "VMRQ"
 REQUEST_VERSION = 2  # 2: container settings after the arguments
 REQUEST_INTERACTIVE = 1
+# Only a container's root settings: /init prepares the root and goes back to its
+# ready point for the next request (vmm/oci/monitor.py saves the VM there).
+REQUEST_PREPARE = 2
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,12 @@ class Mailbox:
 # --- the request, and where it goes -----------------------------------------------------
 def encode_request(argv: tuple[str, ...], *, interactive: bool = False,
                    now_ns: int | None = None, seed: bytes | None = None,
-                   settings: tuple[str, ...] = ()) -> bytes:
+                   settings: tuple[str, ...] = (), prepare: bool = False) -> bytes:
     """The request /init reads: header, each argument NUL-terminated, then the settings.
 
-    ``settings``: "key=value" strings for a container's process (vmm/oci/guest.py
-    makes them; init.c's parse_settings reads them).
+    ``settings``: "key=value" strings for a container (vmm/oci/guest.py makes
+    them; init.c's parse_settings reads them). ``prepare``: they are only the
+    root's, and /init comes back to its ready point once the root is ready.
     """
     from vmm.config import check_argv
 
@@ -117,7 +121,8 @@ def encode_request(argv: tuple[str, ...], *, interactive: bool = False,
     now_ns = time.time_ns() if now_ns is None else now_ns
     seed = os.urandom(SEED_BYTES) if seed is None else seed
     header = REQUEST_HEADER.pack(
-        REQUEST_MAGIC, REQUEST_VERSION, REQUEST_INTERACTIVE if interactive else 0,
+        REQUEST_MAGIC, REQUEST_VERSION,
+        (REQUEST_INTERACTIVE if interactive else 0) | (REQUEST_PREPARE if prepare else 0),
         len(argv), len(strings), now_ns // 1_000_000_000, now_ns % 1_000_000_000,
         len(seed), seed, len(extra), 0,
     )

@@ -58,10 +58,10 @@
 #error "MAILBOX_PORT must be defined (vmm/arch/x86_64/layout.py)"
 #endif
 #if !defined(MAILBOX_SIZE) || !defined(MAX_ARGS) || !defined(MAX_ENV) || !defined(MAX_MOUNTS) || \
-    !defined(MAX_RLIMITS) || !defined(MAX_GROUPS)
+    !defined(MAX_RLIMITS) || !defined(MAX_GROUPS) || !defined(MAX_PRELOAD)
 #error "the mailbox's sizes must be defined (vmm/devices/mailbox.py, via vmm/images/initramfs.py)"
 #endif
-#ifndef REQUEST_HEADER_SIZE
+#if !defined(REQUEST_HEADER_SIZE) || !defined(REQUEST_PREPARE)
 #error "the mailbox constants must be defined (vmm/devices/mailbox.py, via vmm/images/initramfs.py)"
 #endif
 
@@ -126,16 +126,21 @@ static unsigned char mailbox[MAILBOX_SIZE] __attribute__((aligned(4096)));
 /* Where a disk root is mounted ("/newroot" from the initramfs, "/" when the
  * kernel mounted it), or NULL. */
 static const char *disk_root;
+static int scratch_root;  /* a container's root: thrown away after the VM, never synced */
 
 static void finish(int status)
 {
-    sync();
-    /* Leave the disk clean: on a read-only remount ext4 marks its journal
-     * recovered, so the image needs no recovery at its next mount (which a
-     * read-only attached disk could not do). Best effort: files still open for
-     * writing (orphans) make it fail, and the sync() above is what counts. */
-    if (disk_root)
-        mount(NULL, disk_root, NULL, MS_REMOUNT | MS_RDONLY, NULL);
+    /* A container's root disk is a scratch copy, deleted with the container
+     * (as runc's overlay upper dir): nothing on it needs to reach the host. */
+    if (!scratch_root) {
+        sync();
+        /* Leave the disk clean: on a read-only remount ext4 marks its journal
+         * recovered, so the image needs no recovery at its next mount (which a
+         * read-only attached disk could not do). Best effort: files still open for
+         * writing (orphans) make it fail, and the sync() above is what counts. */
+        if (disk_root)
+            mount(NULL, disk_root, NULL, MS_REMOUNT | MS_RDONLY, NULL);
+    }
     port_write(BOOT_TIMER_PORT, BOOT_TIMER_COMMAND_DONE);
     port_write(EXIT_PORT, (unsigned char)status);
     /* Not reached under vmm; under another VMM power off instead. */
@@ -325,17 +330,29 @@ static int request_argv(struct request *request, char **argv)
 /*
  * Container settings (vmm/oci/: an OCI bundle run as a VM). They follow the
  * arguments in the request as NUL-terminated "key=value" strings; the host
- * has already turned config.json into these, mount options into MS_* flags:
+ * has already turned config.json into these, mount options into MS_* flags.
+ * The root's settings:
  *
  *   root=DEV  root_ro=1      the container's root file system, a disk
  *   wait_root=1              ... put behind its device just now: wait for its size
  *   mount=TYPE\tSOURCE\tTARGET\tFLAGS\tDATA   in the order given, under the root
+ *   preload=PATH             a file of the root to read into the page cache
+ *
+ * and the process's:
+ *
  *   hostname=NAME  cwd=DIR   env=NAME=VALUE (the whole environment)
  *   rlimit=RESOURCE SOFT HARD  groups=G,G  gid=G  uid=U
  *
- * The parent parses them in place (no allocation: the child of vfork may
- * only make system calls); the child applies them in the order runc does:
- * mounts, hostname, chroot, cwd, rlimits, groups, gid, uid, exec.
+ * The root is prepared by init itself as soon as its settings arrive: the
+ * disk mounted at /newroot, the mounts made under it, the preloads read.
+ * A request flagged REQUEST_PREPARE carries only those, and init goes back
+ * to its ready point afterwards: vmm saves the VM there (the *image base* of
+ * vmm/oci/monitor.py), so a later container of the same image is restored
+ * with its root mounted and its programs in the page cache, and the next
+ * request brings the process. Settings are parsed in place (no allocation:
+ * the child of vfork may only make system calls); the child applies the
+ * process's in the order runc does: hostname, chroot, cwd, rlimits, groups,
+ * gid, uid, exec.
  */
 
 struct container_mount {
@@ -345,6 +362,7 @@ struct container_mount {
 
 struct container {
     int active;
+    int prepared;  /* its root is mounted at /newroot, its mounts made */
     char *root;
     int root_ro;
     int wait_root;  /* the root disk was put in after a restore: wait for its size */
@@ -355,6 +373,8 @@ struct container {
     int mountc;
     struct { int resource; struct rlimit limit; } rlimits[MAX_RLIMITS];
     int rlimitc;
+    char *preload[MAX_PRELOAD];
+    int preloadc;
     gid_t groups[MAX_GROUPS];
     int groupc;
     uid_t uid;
@@ -391,6 +411,10 @@ static int parse_settings(char *p, char *end, struct container *c)
             c->root_ro = 1;
         } else if (!strcmp(p, "wait_root")) {
             c->wait_root = 1;
+        } else if (!strcmp(p, "preload")) {
+            if (c->preloadc >= MAX_PRELOAD || value[0] != '/')
+                return -1;
+            c->preload[c->preloadc++] = value;
         } else if (!strcmp(p, "hostname")) {
             c->hostname = value;
         } else if (!strcmp(p, "cwd")) {
@@ -493,19 +517,68 @@ static void fail(const char *what, const char *detail)
     _exit(126);
 }
 
-/* In the child: become the container's process, up to (not including) the exec. */
-static void enter_container(const struct container *c)
+static void wait_for_disk(const char *device);
+
+/*
+ * The container's root, by init itself (a mount is the same for every
+ * process: one namespace): the disk at /newroot, the mounts under it, the
+ * preloaded files read ahead into the page cache. Any failure ends the VM.
+ */
+static void prepare_root(const struct container *c)
 {
     char path[PATH_MAX];
+    if (c->wait_root)
+        wait_for_disk(c->root);
+    mount_root(c->root, c->root_ro);
     for (int i = 0; i < c->mountc; i++) {
         const struct container_mount *m = &c->mounts[i];
         snprintf(path, sizeof(path), "/newroot%s", m->target);
-        make_dirs(path);
-        if (mount(m->source, path, m->type, m->flags, m->data[0] ? m->data : NULL) < 0)
-            fail("mount", m->target);
+        if (mkdir(path, 0755) < 0 && errno == ENOENT)  /* one system call when the parent exists */
+            make_dirs(path);
+        if (mount(m->source, path, m->type, m->flags, m->data[0] ? m->data : NULL) < 0) {
+            dprintf(2, "vmm-init: mount %s: %s\n", m->target, strerror(errno));
+            finish(126);
+        }
         if (!strcmp(m->type, "tmpfs") && !strcmp(m->target, "/dev"))
             populate_dev(path);
     }
+    /* Read ahead, not read: the blocks go from the disk into the page cache
+     * with no copy into this process (a copy is emulated work on PVM). */
+    for (int i = 0; i < c->preloadc; i++) {
+        snprintf(path, sizeof(path), "/newroot%s", c->preload[i]);
+        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        if (fd >= 0) {
+            posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
+            close(fd);
+        }
+    }
+}
+
+/*
+ * A request's container settings into `container`; root settings are applied
+ * at once (prepare_root). A process's settings need a root, given now or in an
+ * earlier request, and a root is prepared once. -1: settings vmm never sends.
+ */
+static int take_settings(struct request *request)
+{
+    int prepared = container.prepared;
+    memset(&container, 0, sizeof(container));  /* the last request's strings are gone */
+    container.prepared = prepared;
+    char *settings = request->argv + request->argv_bytes;
+    if (parse_settings(settings, settings + request->settings_bytes, &container) < 0)
+        return -1;
+    if (container.root) {
+        if (container.prepared)
+            return -1;
+        prepare_root(&container);
+        container.prepared = 1;
+    }
+    return container.prepared ? 0 : -1;
+}
+
+/* In the child: become the container's process, up to (not including) the exec. */
+static void enter_container(const struct container *c)
+{
     if (c->hostname && sethostname(c->hostname, strlen(c->hostname)) < 0)
         fail("sethostname", c->hostname);
     if (chroot("/newroot") < 0)
@@ -605,19 +678,24 @@ int main(void)
     struct request *request = NULL;
     if (cmdline_flag(cmdline, "vmm.mailbox") && (request = wait_for_request()) != NULL) {
         become_new_machine(request);
+        /* A container's root first, then back to the ready point for its process. */
+        while (request->flags & REQUEST_PREPARE) {
+            if (!request->settings_bytes || take_settings(request) < 0)
+                break;
+            if ((request = wait_for_request()) == NULL)
+                finish(126);
+            become_new_machine(request);
+        }
+        if ((request->flags & REQUEST_PREPARE) || (container.prepared && !request->settings_bytes) ||
+            (request->settings_bytes && take_settings(request) < 0)) {
+            dprintf(2, "vmm-init: mailbox: bad container settings from vmm\n");
+            finish(126);
+        }
         interactive = (request->flags & REQUEST_INTERACTIVE) || request_argv(request, argv) == 0;
         /* A container's process.terminal: its own args, on the console as a terminal. */
         if (request->settings_bytes && request_argv(request, argv) > 0) {
             terminal = interactive;
             interactive = 0;
-        }
-        if (request->settings_bytes) {
-            char *settings = request->argv + request->argv_bytes;
-            if (parse_settings(settings, settings + request->settings_bytes, &container) < 0 ||
-                !container.root) {
-                dprintf(2, "vmm-init: mailbox: bad container settings from vmm\n");
-                finish(126);
-            }
         }
     } else {
         interactive = !cmdline_value(cmdline, "vmm.argv", encoded, sizeof(encoded));
@@ -648,9 +726,8 @@ int main(void)
     char *const *envp = environ;
     const char *search = getenv("PATH");
     if (container.active) {
-        if (container.wait_root)
-            wait_for_disk(container.root);
         disk_root = "/newroot";
+        scratch_root = 1;
         envp = container.env;
         search = env_path(container.env);
         if (!search)
@@ -666,7 +743,6 @@ int main(void)
     pid_t child = vfork();
     if (child == 0) {
         if (container.active) {
-            mount_root(container.root, container.root_ro);
             enter_container(&container);
         } else if (from_initramfs && root_given) {
             enter_root(root, cmdline_flag(cmdline, "ro"));

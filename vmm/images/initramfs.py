@@ -80,10 +80,12 @@ def _port_defines() -> list[str]:
             f"-DREQUEST_VERSION={mailbox.REQUEST_VERSION}",
             f"-DREQUEST_HEADER_SIZE={mailbox.REQUEST_HEADER.size}",
             f"-DREQUEST_INTERACTIVE={mailbox.REQUEST_INTERACTIVE}u",
+            f"-DREQUEST_PREPARE={mailbox.REQUEST_PREPARE}u",
             f"-DREQUEST_SEED_BYTES={mailbox.SEED_BYTES}",
             f"-DMAILBOX_SIZE={mailbox.MAILBOX_SIZE}", f"-DMAX_ARGS={mailbox.MAX_ARGS}",
             f"-DMAX_ENV={mailbox.MAX_ENV}", f"-DMAX_MOUNTS={mailbox.MAX_MOUNTS}",
-            f"-DMAX_RLIMITS={mailbox.MAX_RLIMITS}", f"-DMAX_GROUPS={mailbox.MAX_GROUPS}"]
+            f"-DMAX_RLIMITS={mailbox.MAX_RLIMITS}", f"-DMAX_GROUPS={mailbox.MAX_GROUPS}",
+            f"-DMAX_PRELOAD={mailbox.MAX_PRELOAD}"]
 
 
 #: The directories a container's minimal root has (its mounts land on them).

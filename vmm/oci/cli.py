@@ -98,24 +98,25 @@ def create(bundle: str, pid_file: str | None, console_socket: str | None, no_piv
 
 def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket: str | None,
             container_id: str) -> int:
-    from vmm.oci.guest import build_root_image, check_limits, settings
+    from vmm.bench.phases import SPAWN_ENV
+    from vmm.oci.guest import check_limits
     from vmm.oci.spec import load_bundle
 
     store = runtime.store
     spec = load_bundle(bundle)  # before anything is made: a bad bundle leaves nothing behind
-    check_limits(spec, settings(spec))
+    check_limits(spec)
     if spec.terminal and not console_socket:
         raise ContainerError("process.terminal needs --console-socket (where to send the pty)")
     directory, _record = store.reserve(container_id, spec.bundle, spec.root, spec.annotations)
     try:
         (directory / "config.json").write_bytes((bundle / "config.json").read_bytes())
-        build_root_image(spec, directory / "root.img")
         os.mkfifo(directory / "start.fifo", 0o600)
         read_fd, write_fd = os.pipe()
         tty = _console(console_socket) if spec.terminal else None
         monitor = subprocess.Popen(
             [sys.executable, "-m", "vmm.oci.monitor", str(directory), str(write_fd)],
-            pass_fds=(write_fd,), start_new_session=True, stdin=tty, stdout=tty, stderr=tty)
+            pass_fds=(write_fd,), start_new_session=True, stdin=tty, stdout=tty, stderr=tty,
+            env={**os.environ, SPAWN_ENV: str(time.monotonic_ns())})
         os.close(write_fd)
         if tty is not None:
             os.close(tty)

@@ -6,9 +6,12 @@
   bind mount is a copy taken at ``create`` (read-only ones behave the same;
   writes to a read-write one stay in the container). Writes go to the image,
   not to ``root.path``.
-* The process and the kernel mounts go to /init in the mailbox request as
-  "key=value" settings (vmm/images/init.c, ``parse_settings``), mount options
-  already split into MS_* flags and file-system data, as runc does.
+* The root and the process go to /init as "key=value" settings
+  (vmm/images/init.c, ``parse_settings``) in two mailbox requests: the root's
+  (the disk, the kernel mounts with their options already split into MS_*
+  flags and file-system data as runc does, the files to read ahead), then the
+  process's (hostname, cwd, environment, limits, identity). Between the two
+  the VM can be saved: the *image base* of vmm/oci/monitor.py.
 """
 
 from __future__ import annotations
@@ -68,8 +71,9 @@ def mount_flags(options: tuple[str, ...]) -> tuple[int, str]:
     return flags, ",".join(data)
 
 
-def settings(spec: ContainerSpec, root_device: str = ROOT_DEVICE) -> tuple[str, ...]:
-    """The "key=value" settings /init applies before it runs the container's process."""
+def root_settings(spec: ContainerSpec, preload: tuple[str, ...] = (),
+                  root_device: str = ROOT_DEVICE) -> tuple[str, ...]:
+    """The root's settings: /init mounts the disk and the kernel mounts, reads ``preload`` ahead."""
     out = [f"root={root_device}"]
     if spec.root_readonly:
         out.append("root_ro=1")
@@ -82,6 +86,13 @@ def settings(spec: ContainerSpec, root_device: str = ROOT_DEVICE) -> tuple[str, 
             raise BundleError(f"{spec.bundle}/config.json: mount {mount.destination}: "
                               "a tab in a mount field")
         out.append("mount=" + "\t".join(fields))
+    out += [f"preload={path}" for path in preload]
+    return tuple(out)
+
+
+def process_settings(spec: ContainerSpec) -> tuple[str, ...]:
+    """The process's settings, applied in the order runc applies them (the identity last)."""
+    out = []
     if spec.hostname:
         out.append(f"hostname={spec.hostname}")
     out.append(f"cwd={spec.cwd}")
@@ -93,7 +104,33 @@ def settings(spec: ContainerSpec, root_device: str = ROOT_DEVICE) -> tuple[str, 
     return tuple(out)
 
 
-def check_limits(spec: ContainerSpec, settings: tuple[str, ...]) -> None:
+def fit_preload(spec: ContainerSpec, preload: tuple[str, ...]) -> tuple[str, ...]:
+    """As many of ``preload`` as the root's request has room for (reading ahead is a hint)."""
+    from vmm.devices import mailbox
+
+    preload = preload[:mailbox.MAX_PRELOAD]
+    while preload and len(root_request(spec, preload, seed=b"")) > mailbox.MAILBOX_SIZE:
+        preload = preload[:-1]
+    return preload
+
+
+def root_request(spec: ContainerSpec, preload: tuple[str, ...] = (), *, wait_root: bool = True,
+                 seed: bytes | None = None) -> bytes:
+    from vmm.devices import mailbox
+
+    extra = ("wait_root=1",) if wait_root else ()
+    return mailbox.encode_request((), settings=root_settings(spec, preload) + extra, prepare=True,
+                                  seed=seed)
+
+
+def process_request(spec: ContainerSpec, *, seed: bytes | None = None) -> bytes:
+    from vmm.devices import mailbox
+
+    return mailbox.encode_request(spec.args, interactive=spec.terminal,
+                                  settings=process_settings(spec), seed=seed)
+
+
+def check_limits(spec: ContainerSpec) -> None:
     """Refuse at create what the guest's /init has no room for (one line naming the field)."""
     from vmm.devices import mailbox
 
@@ -109,10 +146,11 @@ def check_limits(spec: ContainerSpec, settings: tuple[str, ...]) -> None:
     for name, (count, limit) in counts.items():
         if count > limit:
             raise BundleError(f"{where}: {name}: {count} entries; vmm's guest takes at most {limit}")
-    size = len(mailbox.encode_request(spec.args, settings=settings + ("wait_root=1",), seed=b""))
-    if size > mailbox.MAILBOX_SIZE:
-        raise BundleError(f"{where}: the process (args, env) and mounts take {size} bytes; "
-                          f"vmm's guest takes at most {mailbox.MAILBOX_SIZE}")
+    for what, request in (("the mounts", root_request(spec, seed=b"")),
+                          ("the process (args, env)", process_request(spec, seed=b""))):
+        if len(request) > mailbox.MAILBOX_SIZE:
+            raise BundleError(f"{where}: {what} take {len(request)} bytes; "
+                              f"vmm's guest takes at most {mailbox.MAILBOX_SIZE}")
 
 
 def tree_size(root: Path) -> int:

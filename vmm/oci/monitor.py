@@ -2,17 +2,19 @@
 
     python3 -m vmm.oci.monitor STATE_DIR READY_FD
 
-1. gets the container's VM to /init's ready point: restores the cached
-   *container base* snapshot for this memory size and vCPU count, or boots one
-   cold and saves it on the way (the first container of that size only). The
-   base has one disk, an empty placeholder (``base_disk``), so one snapshot
-   serves every container;
+1. gets the container's VM to /init's ready point with its root ready: restores
+   the *image base* of this root (vmm/oci/imagebase.py) on a copy of its disk;
+   without one, restores the cached *container base* for this memory size and
+   vCPU count (or boots one cold and saves it on the way: the first container
+   of that size only), whose one disk is an empty placeholder (``base_disk``),
+   puts the container's root image (``mkfs.ext4 -d``) behind that disk
+   (``VirtioBlock.replace_backend`` + a configuration-change interrupt: the
+   guest driver reads the new size), sends /init the root's request, and
+   saves the image base when /init is back at its ready point;
 2. marks the container created and tells `create` so on READY_FD ("ok", or
    "error: ..." and exit 1), then waits for `start` (a byte in start.fifo);
-3. marks it running, puts the container's root image behind the disk
-   (``VirtioBlock.replace_backend`` + a configuration-change interrupt: the
-   guest driver reads the new size) and delivers the process (argv and the
-   settings of vmm/oci/guest.py, with ``wait_root``) through the mailbox;
+3. marks it running and delivers the process (argv and the process's settings
+   of vmm/oci/guest.py) through the mailbox;
 4. exits with the container process's exit status (a signal that stops the VM:
    128 + its number, as a shell reports a process killed by it).
 
@@ -29,10 +31,12 @@ import os
 import select
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vmm.config import DiskConfig
 from vmm.errors import VmmError
+from vmm.oci.guest import process_request
 from vmm.oci.store import Record, Status, Store, process_start_time, write_atomically
 from vmm.outcome import EXIT_VMM_ERROR
 from vmm.session import BootToReady, LinuxRun, SaveAtReady
@@ -76,24 +80,42 @@ def base_disk() -> Path:
 
 
 class ContainerRun(LinuxRun):
-    """A LinuxRun that waits at the ready point for `start`, then runs the container's process.
+    """A LinuxRun that prepares the root, waits at the ready point for `start`, runs the process.
 
-    Whatever the start (a restore, a boot that saves the base, a plain boot),
-    the request goes through ``deliver``: that is where the container waits.
+    Every ready point goes through ``deliver`` (the first one of a restored VM
+    comes from ``execute``): the first one with the root not ready gets the
+    root's request; the one with the root ready saves the image base if asked,
+    tells `create`, and waits there for `start`.
     """
 
-    def __init__(self, config, start, *, store: Store, record: Record, settings: tuple[str, ...],
-                 root_image: Path, channel: StartChannel, ready: ReadyPipe, terminal: bool = False,
-                 **options) -> None:
+    def __init__(self, config, start, *, store: Store, record: Record, spec, root: "RootPlan",
+                 channel: StartChannel, ready: ReadyPipe, **options) -> None:
         super().__init__(config, start, **options)
-        self.terminal = terminal  # process.terminal: our stdio is a pty, both ways
-        self.store, self.record, self.settings = store, record, settings
-        self.root_image, self.channel, self.ready = root_image, channel, ready
+        self.spec, self.root = spec, root
+        self.store, self.record = store, record
+        self.channel, self.ready = channel, ready
+        self.root_requested = root.prepared  # restored from an image base: nothing to ask
         self.started_ns = self.delivered_ns = 0  # `start` seen; the process handed to /init
 
-    def deliver(self, extents) -> None:
-        from vmm.devices.mailbox import deliver, encode_request
+    def at_ready(self, extents) -> None:
+        if self.root_requested:  # back at the ready point with the root ready
+            self.deliver(extents)
+        else:
+            super().at_ready(extents)  # the container base saved on the way, if booting one
 
+    def deliver(self, extents) -> None:
+        from vmm.devices.mailbox import deliver
+
+        if not self.root_requested:
+            self.root_requested = True
+            on_placeholder = not isinstance(self.start, BootToReady)
+            if on_placeholder:
+                self.insert_root_disk()
+            request = self.root.request(self.spec, wait_root=on_placeholder)
+            deliver(self.machine.memory, extents, request)
+            return
+        self.machine.phases["root_ready"] = time.monotonic_ns()
+        self.save_image_base(extents)
         self.record.status = Status.CREATED
         self.store.save(self.record)
         self.ready.tell("ok")
@@ -102,17 +124,32 @@ class ContainerRun(LinuxRun):
         self.started_ns = time.monotonic_ns()
         self.record.status = Status.RUNNING
         self.store.save(self.record)
-        settings = self.settings
-        if not isinstance(self.start, BootToReady):  # booted on the placeholder
-            self.insert_root_disk()
-            settings += ("wait_root=1",)
-        deliver(self.machine.memory, extents,
-                encode_request(self.config.command, interactive=self.terminal, settings=settings))
+        deliver(self.machine.memory, extents, process_request(self.spec))
         self.delivered_ns = time.monotonic_ns()
+
+    def save_image_base(self, extents) -> None:
+        """The VM with the root ready, and a copy of the disk, into the cache (once)."""
+        target, self.root.save_to = self.root.save_to, None
+        if target is None:
+            return
+        from vmm.errors import SnapshotError
+        from vmm.snapshot import cache
+        from vmm.snapshot.save import save_snapshot
+
+        config = replace(self.config, disks=(DiskConfig(str(self.root.image)),))
+        try:
+            saved = save_snapshot(target, self.guest, config, extents, replace=True,
+                                  carry_disks=True)
+        except SnapshotError as e:
+            self.progress(f"warning: the image base was not saved: {e}")
+            return
+        self.machine.phases["image_base_saved"] = time.monotonic_ns()
+        self.progress(f"image base: {saved.summary()}")
+        cache.prune()
 
     def execute(self, stdin):
         """With a terminal, what is typed on the pty goes to the guest's console."""
-        if not self.terminal:
+        if not self.spec.terminal:
             return super().execute(stdin)
         from vmm.console import InteractiveConsole
 
@@ -131,44 +168,87 @@ class ContainerRun(LinuxRun):
 
         transport = self.guest.devices.virtio[0]
         if isinstance(self.start, SaveAtReady):
-            backend = RawDiskImage(str(self.root_image), transport.device.read_only)
+            backend = RawDiskImage(str(self.root.image), transport.device.read_only)
             self.machine.closers.append(backend.close)
             transport.device.replace_backend(backend).close()
         transport.config_changed()
 
 
-def _start_for(config, root_disk, log):
-    """(config, start): restore the cached container base, or boot and save it, or just boot.
+@dataclass
+class RootPlan:
+    """The container's root: its image, whether the VM has it ready, where to save that VM."""
 
-    Restored or plainly booted, the VM's disk is the container's root image from
-    the start; only a boot that saves the base boots on the placeholder.
+    image: Path  # the container's root.img
+    preload: tuple[str, ...] = ()
+    prepared: bool = False  # restored from an image base: mounted, its programs cached
+    save_to: Path | None = None  # the image base to save once the root is ready
+
+    def request(self, spec, *, wait_root: bool) -> bytes:
+        from vmm.oci.guest import root_request
+
+        return root_request(spec, self.preload, wait_root=wait_root)
+
+
+def _start_for(config, spec, image: Path, log):
+    """(config, start, RootPlan): how this container's VM comes to be, its root ready or not.
+
+    Restored from its image base, the root is ready on a copy of the base's
+    disk; otherwise ``mkfs.ext4`` makes the root image and the VM starts from
+    the container base (restored, or booted and saved: only that boot runs on
+    the placeholder disk), or boots plainly on the root.
     """
     from vmm.errors import SnapshotError
+    from vmm.oci import imagebase
+    from vmm.oci.guest import build_root_image, fit_preload, root_settings
     from vmm.session import FromSnapshot, warm_snapshot
     from vmm.snapshot import cache
-    from vmm.snapshot.restore import load_snapshot, restore_config
+    from vmm.snapshot.restore import check_disks, load_snapshot, restore_config
 
     def progress(line: str) -> None:
         print(f"vmm: {line}", file=log)
 
+    root_disk = DiskConfig(str(image))
     directory, key = warm_snapshot(config, progress)
     if key is None:
-        return replace(config, disks=(root_disk,)), BootToReady()
+        build_root_image(spec, image)
+        return replace(config, disks=(root_disk,)), BootToReady(), RootPlan(image)
+    content = imagebase.scan(spec, config.mem)
+    preload = fit_preload(spec, content.preload)
+    image_key = imagebase.image_base_key(key, content, root_settings(spec, preload))
+    plan = RootPlan(image, preload, save_to=cache.snapshot_cache_dir() / image_key)
+    base = cache.lookup(image_key)
+    if base is not None:
+        from vmm.devices.disk import copy_image
+
+        try:
+            snapshot = load_snapshot(base)
+            restored = restore_config(snapshot, config, mem_given=True, cpus_given=True,
+                                      disks_given=False)
+            copy_image(imagebase.carried_disk(base), image)
+            check_disks(snapshot, str(base))  # unchanged, before and during the copy
+            progress(f"restoring the image base {image_key}")
+            return (replace(restored, disks=(root_disk,)), FromSnapshot(base, snapshot),
+                    RootPlan(image, preload, prepared=True))
+        except (SnapshotError, OSError) as e:
+            progress(f"the image base cannot be used ({e}); making a new one")
+            image.unlink(missing_ok=True)
+            cache.discard(base)
+    build_root_image(spec, image)
     if directory is not None:
         try:
             snapshot = load_snapshot(directory)
             restored = restore_config(snapshot, config, mem_given=True, cpus_given=True,
                                       disks_given=True)
-            return replace(restored, disks=(root_disk,)), FromSnapshot(directory, snapshot)
+            return replace(restored, disks=(root_disk,)), FromSnapshot(directory, snapshot), plan
         except SnapshotError as e:
             progress(f"the cached container base cannot be used ({e}); booting a new one")
             cache.discard(directory)
     if not claim_base_build(key):
         # Its placeholder disk is locked by that VMM (one writer per image): boot on our own root.
         progress("another container is saving the container base: booting without saving")
-        return replace(config, disks=(root_disk,)), BootToReady()
+        return replace(config, disks=(root_disk,)), BootToReady(), plan
     progress("first container of this size: booting, saving the container base")
-    return config, SaveAtReady(cache.snapshot_cache_dir() / key, then_run=True, replace=True)
+    return config, SaveAtReady(cache.snapshot_cache_dir() / key, then_run=True, replace=True), plan
 
 
 _claims: list[int] = []  # lock fds held for this process's life
@@ -232,11 +312,13 @@ class ReadyPipe:
 
 
 def main(argv: list[str]) -> int:
-    from vmm.config import DiskConfig, VmConfig
-    from vmm.oci.guest import settings as guest_settings
+    from vmm.config import VmConfig
     from vmm.oci.spec import parse_config
     from vmm.runner import install_stop_signals
 
+    from vmm.bench.phases import process_start
+
+    marks = {"main": time.monotonic_ns(), "process_start": process_start()[0] or 0}
     directory, ready = Path(argv[0]), ReadyPipe(int(argv[1]))
     store = Store(directory.parent)
     log = open(directory / "vmm.log", "a", buffering=1)
@@ -248,15 +330,12 @@ def main(argv: list[str]) -> int:
         config_path = directory / "config.json"
         spec = parse_config(json.loads(config_path.read_text()), Path(record.bundle),
                             str(config_path))
-        root_disk = DiskConfig(str(directory / "root.img"))
         config = VmConfig(mem=spec.mem, cpus=spec.cpus, command=spec.args,
                           disks=(DiskConfig(str(base_disk())),))
-        config, start = _start_for(config, root_disk, log)
+        config, start, root = _start_for(config, spec, directory / "root.img", log)
         channel = StartChannel(directory / "start.fifo")
-        run = ContainerRun(config, start, store=store, record=record,
-                           settings=guest_settings(spec), root_image=directory / "root.img",
-                           channel=channel, ready=ready, terminal=spec.terminal,
-                           stdout=sys.stdout.buffer,
+        run = ContainerRun(config, start, store=store, record=record, spec=spec, root=root,
+                           channel=channel, ready=ready, stdout=sys.stdout.buffer,
                            stderr=log, profile=_profile())
         run.build()
         try:
@@ -264,7 +343,7 @@ def main(argv: list[str]) -> int:
             outcome = run.execute(None)
             result = run.finish(outcome)
             status = result.status
-            _log_phases(log, result.phases, run)
+            _log_phases(log, {**marks, **result.phases}, run)
         finally:
             run.machine.close()
             channel.close()

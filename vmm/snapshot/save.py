@@ -10,6 +10,7 @@ their files (the second rename fails and that copy is dropped).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -49,9 +50,11 @@ def check_target(directory: Path) -> None:
                             "name a new directory or remove this one")
 
 
-def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stored: int
-            ) -> Snapshot:
+def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stored: int,
+            disks: tuple[DiskRecord, ...] | None = None) -> Snapshot:
     """The state values of a paused Linux guest (vmm.builder.LinuxGuest).
+
+    ``disks``: the disks to record, when not the config's own (carried copies).
 
     Paused means no vCPU in KVM_RUN and no virtio I/O thread at work
     (:func:`save_snapshot` holds the transports).
@@ -81,7 +84,8 @@ def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stor
         system_map=str(guest.system_map) if guest.system_map else None,
         memory_size=machine.memory.size,
         memory_stored=memory_stored,
-        disks=tuple(DiskRecord(FileIdentity.of(d.path), d.read_only, d.serial) for d in config.disks),
+        disks=disks if disks is not None else tuple(
+            DiskRecord(FileIdentity.of(d.path), d.read_only, d.serial) for d in config.disks),
         virtio_notify=config.virtio_notify,
         mailbox=tuple(mailbox),
         capabilities=caps,
@@ -89,12 +93,39 @@ def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stor
     return Snapshot(meta, capture_vm(machine.vm, caps), vcpus, device_states)
 
 
+def carried_disk_name(index: int) -> str:
+    return f"disk{index}.img"
+
+
+def _carry_disks(config: VmConfig, staging: Path, directory: Path) -> tuple[DiskRecord, ...]:
+    """Copy each disk into the snapshot; records naming the copies where they will be.
+
+    The copy is the disk at the instant of the snapshot (the vCPUs and the
+    I/O threads stand still), so the guest's page cache and the blocks agree.
+    The rename of the directory keeps each file's inode and times: the
+    identity taken here is still true of the final path.
+    """
+    from vmm.devices.disk import copy_image
+
+    final = directory.parent.resolve() / directory.name
+    records = []
+    for index, disk in enumerate(config.disks):
+        name = carried_disk_name(index)
+        copy_image(disk.path, staging / name)
+        identity = dataclasses.replace(FileIdentity.of(staging / name), path=str(final / name))
+        records.append(DiskRecord(identity, disk.read_only, disk.serial))
+    return tuple(records)
+
+
 def save_snapshot(directory: Path, guest, config: VmConfig, mailbox: list[tuple[int, int]],
-                  *, replace: bool = False) -> SaveResult:
+                  *, replace: bool = False, carry_disks: bool = False) -> SaveResult:
     """Write the snapshot of a paused guest to ``directory`` (which must not exist, or be empty).
 
     ``replace``: a directory already there is left alone and this copy
     dropped (the warm-start cache: whoever renames first wins).
+    ``carry_disks``: the snapshot holds a copy of each disk as it is now
+    (``disk0.img``...), and names those: a VM whose disk is written can be
+    restored on a copy of the copy (vmm/oci/imagebase.py).
     """
     start = time.perf_counter()
     directory = Path(directory)
@@ -115,7 +146,8 @@ def save_snapshot(directory: Path, guest, config: VmConfig, mailbox: list[tuple[
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            snapshot = capture(guest, config, mailbox, stored)
+            disks = _carry_disks(config, staging, directory) if carry_disks else None
+            snapshot = capture(guest, config, mailbox, stored, disks)
         state_bytes = write_state_file(staging / STATE_FILE, snapshot.to_sections())
         try:
             os.rename(staging, directory)
