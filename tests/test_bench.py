@@ -317,3 +317,14 @@ def test_outputs_are_checked_before_the_benchmark_runs(tmp_path, monkeypatch):
                                        str(tmp_path / "out.png")])
     assert result.exit_code == 125 and "--plot needs matplotlib" in result.output
     assert ran == [] and not (tmp_path / "out.png").exists()
+
+
+def test_bench_help_names_every_contender():
+    from click.testing import CliRunner
+
+    from vmm.bench.boot import ALL_CONTENDERS
+    from vmm.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "boot", "--help"], terminal_width=400)
+    listed = result.output.split("Which to run:")[1].split("or all")[0]
+    assert [name.strip() for name in listed.split(",") if name.strip()] == list(ALL_CONTENDERS)

@@ -45,9 +45,12 @@ def test_ctr_run_prints_and_returns_the_process_status(containerd):
     ctr, _work = containerd
     result = subprocess.run(
         [*ctr, "run", "--rm", "--runc-binary", runtime_binary(), IMAGE, "echo1",
-         "sh", "-c", "echo hello; id -u; exit 5"],
+         "sh", "-c", "echo hello; echo oops >&2; id -u; ls /nonexistent; exit 5"],
         capture_output=True, timeout=BOOT_TIMEOUT)
     assert result.stdout.decode().splitlines() == ["hello", "0"], result.stderr.decode()
+    # stderr through the guest's second UART, to the shim's stderr FIFO: apart, as with runc
+    assert result.stderr.decode().splitlines() == [
+        "oops", "ls: /nonexistent: No such file or directory"]
     assert result.returncode == 5
     listed = subprocess.run([*ctr, "containers", "ls", "-q"], capture_output=True)
     assert b"echo1" not in listed.stdout  # --rm: gone, and vmm-runtime's state with it

@@ -21,7 +21,7 @@ import pytest
 
 from tests.guest import BOOT_TIMEOUT, vmm_run
 from vmm.snapshot.state import MEMORY_FILE, STATE_FILE
-from vmm.snapshot.statefile import HEADER, decode_sections, encode_sections
+from vmm.snapshot.statefile import FORMAT_VERSION, HEADER, decode_sections, encode_sections
 
 pytestmark = [pytest.mark.boot, pytest.mark.kvm]
 
@@ -221,7 +221,7 @@ def test_other_format_version_and_truncated_memory(snapshot_dir, tmp_path) -> No
     data = bytearray((directory / STATE_FILE).read_bytes())
     data[8:12] = (7).to_bytes(4, "little")
     (directory / STATE_FILE).write_bytes(bytes(data))
-    one_vmm_line(restore(directory, "true"), "snapshot format 7, this vmm reads format 1")
+    one_vmm_line(restore(directory, "true"), f"snapshot format 7, this vmm reads format {FORMAT_VERSION}")
 
     directory = copy_snapshot(snapshot_dir, tmp_path / "copy2")
     (directory / MEMORY_FILE).unlink()

@@ -232,7 +232,7 @@ def test_state_file_round_trip() -> None:
     (lambda d: d + b"junk", "after the end"),
     (lambda d: b"NOTASNAP" + d[8:], "not a vmm snapshot"),
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum mismatch"),
-    (lambda d: d[:8] + struct.pack("<I", FORMAT_VERSION + 1) + d[12:], "format 2, this vmm reads format 1"),
+    (lambda d: d[:8] + struct.pack("<I", FORMAT_VERSION + 1) + d[12:], "format 3, this vmm reads format 2"),
 ])
 def test_bad_state_files_are_one_clear_error(mangle, why) -> None:
     with pytest.raises(SnapshotError, match=why) as error:
@@ -263,8 +263,11 @@ def test_sections_that_lie_about_their_length_are_refused() -> None:
 
 # --- the codec: types checked field by field -------------------------------------------------------
 def test_codec_round_trips_device_states() -> None:
-    states = DeviceStates(SerialState(rx_fifo=b"ab"), RtcState(), I8042State(output=3), MailboxState(), ())
+    states = DeviceStates(SerialState(rx_fifo=b"ab"), RtcState(), I8042State(output=3), MailboxState(), (), None)
     assert codec.decode(DeviceStates, json.loads(json.dumps(codec.encode(states))), "devices") == states
+    two_uarts = dataclasses.replace(states, stderr_serial=SerialState(ier=1))
+    assert codec.decode(DeviceStates, json.loads(json.dumps(codec.encode(two_uarts))),
+                        "devices") == two_uarts
 
 
 @pytest.mark.parametrize("change, why", [

@@ -165,6 +165,7 @@ class LinuxDevices:
     mailbox: object  # vmm.devices.mailbox.Mailbox
     virtio: list  # vmm.devices.virtio.mmio.VirtioMmioTransport, one per disk
     cmdline: list[str]  # what the guest needs to find them (virtio_mmio.device=...)
+    stderr_serial: Serial16550 | None = None  # ttyS1, with VmConfig.stderr_uart
 
 
 @dataclass
@@ -195,6 +196,7 @@ class GuestEvents:
     on_exit: Callable[[int], None]  # the guest wrote its status to the exit port
     on_reset: Callable[[], None]  # the guest reset the machine (reboot, panic)
     on_ready: Callable[[int, int], None] | None = None  # /init reached its ready point
+    on_error_output: Callable[[bytes], None] | None = None  # bytes on ttyS1 (stderr_uart)
 
 
 def resolve_kernel(config: VmConfig, progress: Callable[[str], None]) -> tuple[Path, Path | None]:
@@ -308,6 +310,12 @@ def add_linux_devices(machine: Machine, config: VmConfig, output, events: GuestE
     vm = machine.vm
     serial = Serial16550(output, IrqLine(vm.irq_line, layout.COM1_IRQ))
     machine.pio.register(layout.COM1_PORT, 8, serial, "serial")
+    stderr_serial, cmdline = None, []
+    if config.stderr_uart:
+        stderr_serial = Serial16550(events.on_error_output or (lambda data: None),
+                                    IrqLine(vm.irq_line, layout.COM2_IRQ))
+        machine.pio.register(layout.COM2_PORT, 8, stderr_serial, "serial-stderr")
+        cmdline.append("8250.nr_uarts=2")  # the kernel probes one UART unless told
     i8042 = I8042(events.on_reset)
     # Two one-port windows: 0x61 between them is the PC's system control port B,
     # which KVM's PIT answers in the kernel (KVM_PIT_SPEAKER_DUMMY).
@@ -321,7 +329,7 @@ def add_linux_devices(machine: Machine, config: VmConfig, output, events: GuestE
     machine.pio.register(layout.BOOT_TIMER_PORT, 1, boot_timer, "boot-timer")
     mailbox = Mailbox(events.on_ready or (lambda address, length: None))
     machine.pio.register(layout.MAILBOX_PORT, layout.MAILBOX_PORT_SIZE, mailbox, "mailbox")
-    transports, cmdline = [], []
+    transports = []
     if config.disks:
         from vmm.devices.virtio.attach import attach_block_devices
 
@@ -333,7 +341,8 @@ def add_linux_devices(machine: Machine, config: VmConfig, output, events: GuestE
 
         transports = [m.device for m in machine.mmio.mappings()
                       if isinstance(m.device, VirtioMmioTransport)]
-    return LinuxDevices(serial, i8042, rtc, boot_timer, mailbox, transports, cmdline)
+    return LinuxDevices(serial, i8042, rtc, boot_timer, mailbox, transports, cmdline,
+                        stderr_serial)
 
 
 def linux_cmdline(config: VmConfig, machine: Machine, devices: LinuxDevices, limit: int,

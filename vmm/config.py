@@ -109,6 +109,9 @@ class VmConfig:
     # or "exit" (an MMIO exit handled in the vCPU thread); "exit,ioeventfd": one per disk, in
     # order, the last one for the rest (benchmarks compare both paths in one boot)
     virtio_notify: str = "ioeventfd"
+    # A second UART (ttyS1 at COM2) whose output is the command's stderr, apart from the
+    # console's stdout (OCI containers: vmm/oci/monitor.py; /init sends the process's fd 2 there)
+    stderr_uart: bool = False
 
     @property
     def notify_paths(self) -> tuple[NotifyPath, ...]:

@@ -170,7 +170,9 @@ class LinuxRun:
     """
 
     def __init__(self, config: VmConfig, start, *, stdout, stderr: TextIO, recorder=None,
-                 profile=None, initcalls: bool = False) -> None:
+                 profile=None, initcalls: bool = False, error_stream: BinaryIO | None = None
+                 ) -> None:
+        """``error_stream``: where the second UART's bytes go (``config.stderr_uart``)."""
         self.config = config
         self.start = start
         self.stderr = stderr
@@ -179,6 +181,7 @@ class LinuxRun:
         self.runner = Runner(runloop=config.runloop, trace=stderr if config.trace else None)
         self.panic = PanicWatcher()
         self.output = ConsoleOutput(stdout, watchers=[self.panic])
+        self.error_output = ConsoleOutput(error_stream) if error_stream is not None else None
         self.initcalls = None
         if initcalls:
             from vmm.profiler import InitcallWatcher
@@ -199,7 +202,7 @@ class LinuxRun:
     def build(self) -> None:
         from vmm.builder import GuestEvents
 
-        events = GuestEvents(self.on_exit, self.on_reset, self.on_ready)
+        events = GuestEvents(self.on_exit, self.on_reset, self.on_ready, self.error_output)
         self.guest = _make_guest(self.start, self.config, self.output, events, self.progress)
 
     # --- what the devices report -------------------------------------------------------------

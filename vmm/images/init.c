@@ -127,9 +127,15 @@ static unsigned char mailbox[MAILBOX_SIZE] __attribute__((aligned(4096)));
  * kernel mounted it), or NULL. */
 static const char *disk_root;
 static int scratch_root;  /* a container's root: thrown away after the VM, never synced */
+static int container_stderr = -1;  /* ttyS1, the second UART: a container's stderr */
 
 static void finish(int status)
 {
+    /* The UART sends what the tty layer buffered as its interrupts come: wait
+     * for the last bytes, or the exit port ends the VM before they are out. */
+    tcdrain(1);
+    if (container_stderr >= 0)
+        tcdrain(container_stderr);
     /* A container's root disk is a scratch copy, deleted with the container
      * (as runc's overlay upper dir): nothing on it needs to reach the host. */
     if (!scratch_root) {
@@ -519,6 +525,35 @@ static void fail(const char *what, const char *detail)
 
 static void wait_for_disk(const char *device);
 
+/* Output as it is written: no "\n" -> "\r\n", and no wait for a modem's carrier. */
+static void raw_output(int fd)
+{
+    struct termios tio;
+    if (tcgetattr(fd, &tio) == 0) {
+        tio.c_oflag &= ~OPOST;
+        tio.c_cflag |= CLOCAL;
+        tcsetattr(fd, TCSANOW, &tio);
+    }
+}
+
+/*
+ * A container's stderr: the second UART (ttyS1) that vmm adds for containers
+ * (VmConfig.stderr_uart), apart from the console's stdout, as the shim's two
+ * FIFOs are. Opened once, by init, while the root is prepared (opening a
+ * serial port sets the UART up: port I/O, emulated work on PVM); without it
+ * (another VMM) stderr stays on the console.
+ */
+static void open_container_stderr(void)
+{
+    if (container_stderr >= 0)
+        return;
+    container_stderr = open("/dev/ttyS1", O_WRONLY | O_NOCTTY | O_NONBLOCK | O_CLOEXEC);
+    if (container_stderr < 0)
+        return;
+    raw_output(container_stderr);
+    fcntl(container_stderr, F_SETFL, 0);  /* blocking writes from here on */
+}
+
 /*
  * The container's root, by init itself (a mount is the same for every
  * process: one namespace): the disk at /newroot, the mounts under it, the
@@ -542,6 +577,7 @@ static void prepare_root(const struct container *c)
         if (!strcmp(m->type, "tmpfs") && !strcmp(m->target, "/dev"))
             populate_dev(path);
     }
+    open_container_stderr();
     /* Read ahead, not read: the blocks go from the disk into the page cache
      * with no copy into this process (a copy is emulated work on PVM). */
     for (int i = 0; i < c->preloadc; i++) {
@@ -743,6 +779,8 @@ int main(void)
     pid_t child = vfork();
     if (child == 0) {
         if (container.active) {
+            if (!terminal && container_stderr >= 0)
+                dup2(container_stderr, 2);  /* the copy is not close-on-exec */
             enter_container(&container);
         } else if (from_initramfs && root_given) {
             enter_root(root, cmdline_flag(cmdline, "ro"));

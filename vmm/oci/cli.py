@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -98,7 +97,7 @@ def create(bundle: str, pid_file: str | None, console_socket: str | None, no_piv
 
 def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket: str | None,
             container_id: str) -> int:
-    from vmm.bench.phases import SPAWN_ENV
+    from vmm.oci import monitor  # the VMM's code, imported before it is forked
     from vmm.oci.guest import check_limits
     from vmm.oci.spec import load_bundle
 
@@ -111,25 +110,20 @@ def _create(runtime: Runtime, bundle: Path, pid_file: str | None, console_socket
     try:
         (directory / "config.json").write_bytes((bundle / "config.json").read_bytes())
         os.mkfifo(directory / "start.fifo", 0o600)
-        read_fd, write_fd = os.pipe()
         tty = _console(console_socket) if spec.terminal else None
-        monitor = subprocess.Popen(
-            [sys.executable, "-m", "vmm.oci.monitor", str(directory), str(write_fd)],
-            pass_fds=(write_fd,), start_new_session=True, stdin=tty, stdout=tty, stderr=tty,
-            env={**os.environ, SPAWN_ENV: str(time.monotonic_ns())})
-        os.close(write_fd)
+        pid, read_fd = monitor.spawn(directory, tty)
         if tty is not None:
             os.close(tty)
         with os.fdopen(read_fd) as ready:
             answer = _read_line(ready, READY_TIMEOUT_S)
         if answer != "ok":
-            monitor.kill()
-            monitor.wait()
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
             raise ContainerError(answer.removeprefix("error: ") if answer else
                                  f"the VM did not reach its ready point (see {directory}/vmm.log)")
         if pid_file:
-            write_atomically(Path(pid_file), f"{monitor.pid}")
-        return monitor.pid
+            write_atomically(Path(pid_file), f"{pid}")
+        return pid
     except BaseException:
         store.remove(container_id)
         raise

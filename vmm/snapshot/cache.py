@@ -87,6 +87,7 @@ def cache_key(config: VmConfig, kernel: Path, initrd: Path | None, host) -> str:
         "cmdline": config.cmdline,
         "console_log": config.console_log,
         "virtio_notify": config.virtio_notify,
+        "stderr_uart": config.stderr_uart,
         "disks": [[identity(Path(d.path)), d.read_only, d.serial] for d in config.disks],
         "host": [host.flavour, host.cpuid_digest, os.uname().release],
     }

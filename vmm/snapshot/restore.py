@@ -57,7 +57,8 @@ def restore_config(snapshot: Snapshot, config: VmConfig, *, mem_given: bool, cpu
             saved = ", ".join(d.path + (",ro" if d.read_only else "") for d in disks) or "none"
             raise SnapshotError(f"--disk: the snapshot's VM has these disks: {saved}")
     return replace(config, mem=meta.mem, cpus=meta.cpus, disks=disks,
-                   virtio_notify=meta.virtio_notify)
+                   virtio_notify=meta.virtio_notify,
+                   stderr_uart=snapshot.devices.stderr_serial is not None)
 
 
 def check_host(snapshot: Snapshot, host: HostIdentity, name: str) -> None:
@@ -162,5 +163,9 @@ def restore_devices(devices, snapshot: Snapshot) -> None:
     devices.rtc.restore(saved.rtc)
     devices.i8042.restore(saved.i8042)
     devices.mailbox.restore(saved.mailbox)
+    if (devices.stderr_serial is None) != (saved.stderr_serial is None):
+        raise ValueError("the second UART (stderr) is in the snapshot or in this VM, not both")
+    if devices.stderr_serial is not None:
+        devices.stderr_serial.restore(saved.stderr_serial)
     for transport, state in zip(devices.virtio, saved.virtio, strict=True):
         transport.restore(state)

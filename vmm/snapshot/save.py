@@ -70,6 +70,7 @@ def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stor
     device_states = DeviceStates(
         serial=devices.serial.state(), rtc=devices.rtc.state(), i8042=devices.i8042.state(),
         mailbox=devices.mailbox.state(), virtio=tuple(t.state() for t in devices.virtio),
+        stderr_serial=devices.stderr_serial.state() if devices.stderr_serial else None,
     )
     meta = SnapshotMeta(
         vmm_version=__version__,

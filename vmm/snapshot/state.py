@@ -131,6 +131,7 @@ class DeviceStates:
     i8042: I8042State
     mailbox: MailboxState
     virtio: tuple[TransportState, ...]  # one per disk, in --disk order
+    stderr_serial: SerialState | None  # ttyS1, in a VM with VmConfig.stderr_uart
 
 
 @dataclass(frozen=True)
