@@ -22,9 +22,9 @@ from tests.guest import BOOT_TIMEOUT
 from tests.test_oci_spec import CONTAINERD_LIKE
 from vmm.devices import mailbox
 from vmm.oci import guest
-from vmm.oci.cli import set_child_subreaper
+from vmm.oci.lifecycle import set_child_subreaper
 from vmm.oci.spec import load_bundle
-from vmm.oci.store import ContainerError, Record, Status, Store, check_id, oci_state
+from vmm.oci.store import DEFAULT_ROOT, ContainerError, Record, Status, Store, check_id, oci_state
 from vmm.snapshot.cache import snapshot_cache_dir
 
 RUNTIME = [sys.executable, "-m", "vmm.oci"]
@@ -225,7 +225,7 @@ def test_create_state_start_state_delete(tmp_path):
                          user={"uid": 1000, "gid": 1000, "additionalGids": [10, 20]})
     os.chown(bundle / "rootfs" / "work", 1000, 1000)  # owners reach the guest's root disk
     root, out, pid_file = tmp_path / "state", tmp_path / "stdout", tmp_path / "pid"
-    created = create(root, bundle, "c1", out, pid_file)
+    create(root, bundle, "c1", out, pid_file)
     pid = int(pid_file.read_text())
     state = _state(root, "c1")
     assert (state["status"], state["pid"], state["id"]) == ("created", pid, "c1")
@@ -322,3 +322,43 @@ def test_record_round_trips(tmp_path):
     record.annotations = {"a": "b"}
     store.save(record)
     assert isinstance(store.load("x"), Record) and store.load("x").annotations == {"a": "b"}
+
+
+@pytest.mark.parametrize("argv, parsed", [
+    (["start", "c1"], ({"--root": DEFAULT_ROOT, "--log": None, "--log-format": "text"}, "start", ["c1"])),
+    (["--root", "/r", "--log", "/l.json", "--log-format", "json", "--systemd-cgroup", "delete", "-f", "c1"],
+     ({"--root": "/r", "--log": "/l.json", "--log-format": "json"}, "delete", ["--force", "c1"])),
+    (["kill", "c1", "KILL"], ({"--root": DEFAULT_ROOT, "--log": None, "--log-format": "text"}, "kill",
+                               ["c1", "KILL"])),
+    (["--log-format", "json", "create", "--bundle", "/b", "--pid-file", "/p", "c1"],
+     ({"--root": DEFAULT_ROOT, "--log": None, "--log-format": "json", "bundle": "/b",
+       "pid_file": "/p", "console_socket": None}, "create", ["c1"])),
+    (["create", "--no-pivot", "-b", "/b", "--console-socket", "/s", "c1"],
+     ({"--root": DEFAULT_ROOT, "--log": None, "--log-format": "text", "bundle": "/b",
+       "pid_file": None, "console_socket": "/s"}, "create", ["c1"])),
+    (["create", "--preserve-fds", "1", "c1"], None),  # the full command line
+    (["create", "--bundle", "/b"], None),
+    (["run", "c1"], None),
+    (["start", "--help"], None),
+    (["--root=/r", "start", "c1"], None),  # another spelling: click reads it
+    (["delete", "c1", "c2"], None),
+    (["kill", "c1", "-9"], None),
+    (["--log-format", "xml", "start", "c1"], None),
+    ([], None),
+])
+def test_the_shims_hot_calls_are_read_without_click(argv, parsed):
+    from vmm.oci.entry import parse_fast
+
+    assert parse_fast(argv) == parsed
+
+
+def test_fast_and_full_command_lines_answer_alike(tmp_path):
+    """An unknown ID through the fast path (start) and through click (state): runc's words."""
+    root, log = tmp_path / "state", tmp_path / "log.json"
+    for args in (["start", "nope"], ["state", "nope"], ["delete", "nope"], ["kill", "nope", "KILL"]):
+        result = runtime(root, *args, log=log)
+        assert result.returncode == 1, args
+        assert result.stderr.decode() == "vmm-runtime: container does not exist: nope\n", args
+    assert [json.loads(line)["msg"] for line in log.read_text().splitlines()] == [
+        "container does not exist: nope"] * 4
+    assert runtime(root, "delete", "--force", "nope").returncode == 0  # as runc

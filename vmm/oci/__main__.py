@@ -1,5 +1,7 @@
 """`python3 -m vmm.oci ...` is `vmm-runtime ...` (where the console script is not on PATH)."""
 
-from vmm.oci.cli import main
+import sys
 
-main(prog_name="vmm-runtime")
+from vmm.oci.entry import main
+
+sys.exit(main())
