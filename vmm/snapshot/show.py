@@ -63,13 +63,17 @@ def describe(snapshot: Snapshot, directory: Path) -> str:
                                             for k, v in vars(meta.capabilities).items()),
     ]
     devices = snapshot.devices
-    serial = devices.serial
+
+    def uart(name: str, serial) -> str:
+        return (f"  {name:<9} IER={serial.ier:#04x} LCR={serial.lcr:#04x} MCR={serial.mcr:#04x} "
+                f"LSR={serial.lsr:#04x} FCR={serial.fcr:#04x} divisor={serial.dlm << 8 | serial.dll} "
+                f"rx FIFO {len(serial.rx_fifo)} bytes")
+
     out += [
         "",
         "devices: each device's own state value",
-        f"  serial    IER={serial.ier:#04x} LCR={serial.lcr:#04x} MCR={serial.mcr:#04x} "
-        f"LSR={serial.lsr:#04x} FCR={serial.fcr:#04x} divisor={serial.dlm << 8 | serial.dll} "
-        f"rx FIFO {len(serial.rx_fifo)} bytes",
+        uart("serial", devices.serial),
+        *([uart("serial2", devices.stderr_serial) + " (stderr)"] if devices.stderr_serial else []),
         f"  rtc       index {devices.rtc.index:#04x}, CMOS RAM {len(devices.rtc.ram)} bytes "
         f"(status A={devices.rtc.ram[0xA]:#04x} B={devices.rtc.ram[0xB]:#04x})",
         f"  i8042     command byte {devices.i8042.ctr:#04x}, output "
