@@ -40,7 +40,7 @@ LINKER_SCRIPT = "firmware.ld"
 # The build recipe.  It is part of the cache key: change anything here (or bump
 # RECIPE_VERSION) and every payload is rebuilt.  {src}, {obj}, {elf}, {bin},
 # {dir} and {ld_script} are filled in by _build().
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the ELF is kept beside the image (symbols for GDB)
 RECIPE: tuple[tuple[str, ...], ...] = (
     # Assemble.  --64: an x86-64 object; the sources switch to 16/32-bit code
     # themselves with .code16/.code32.  -I: where `.include "layout.inc"` looks.
@@ -153,6 +153,8 @@ def _build(name: str, directory: Path, source: Path, target: Path) -> None:
                 raise GuestBuildError(f"firmware {name}: {argv[0]} failed: {detail}")
         built = Path(fields["bin"])
         _check_image(name, built.read_bytes())
+        # The ELF first: an image in the cache always has its symbols beside it.
+        os.replace(fields["elf"], target.with_suffix(".elf"))
         os.replace(built, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,7 @@ import click
 
 @click.group()
 def image() -> None:
-    """Guest images: the default initramfs, an ext4 root file system."""
+    """Guest images: the default initramfs, an ext4 root file system, firmware payloads."""
 
 
 @image.command()
@@ -41,3 +41,21 @@ def rootfs(output: str, size: str) -> None:
 
     build_rootfs(Path(output), parse_size(size, "--size"), lambda line: click.echo(line, err=True))
     click.echo(f"{output} ({size}, ext4)")
+
+
+@image.command()
+@click.argument("name", default="longmode")
+def firmware(name: str) -> None:
+    """Build a firmware payload (or reuse it) and print its image and its symbols (ELF).
+
+    For GDB: add-symbol-file ELF -o 0xf0000 (the payload runs in segment F000).
+    """
+    from vmm.arch.x86_64 import layout
+    from vmm.firmware import firmware_path
+
+    path = firmware_path(name)
+    click.echo(f"image:   {path}")
+    symbols = path.with_suffix(".elf")
+    if symbols.is_file():
+        click.echo(f"symbols: {symbols}")
+        click.echo(f"gdb:     add-symbol-file {symbols} -o {layout.RESET_CS_BASE:#x}")
