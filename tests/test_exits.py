@@ -171,8 +171,18 @@ def test_unknown_exit_reason_is_reported_by_number(run):
 
 
 def test_known_but_unmodelled_exit_is_named(run):
+    run.exit_reason = lib.KVM_EXIT_NMI
+    assert decode_exit(run) == OtherExit(lib.KVM_EXIT_NMI)
+    assert decode_exit(run).reason == "nmi"
+
+
+def test_debug_exit_carries_the_exception_and_debug_registers(run):
+    from vmm.kvm.exits import DebugExit
+
     run.exit_reason = lib.KVM_EXIT_DEBUG
-    assert decode_exit(run) == OtherExit(lib.KVM_EXIT_DEBUG)
+    run.debug.arch.exception, run.debug.arch.pc = 1, 0xFFE38
+    run.debug.arch.dr6, run.debug.arch.dr7 = 0x4001, 0x401
+    assert decode_exit(run) == DebugExit(1, 0xFFE38, 0x4001, 0x401)
     assert decode_exit(run).reason == "debug"
 
 

@@ -16,8 +16,8 @@ from typing import Callable, Protocol, TextIO
 from vmm.devices.bus import Bus
 from vmm.kvm import exits as kvm_exits
 from vmm.kvm.exits import (
-    FailEntryExit, HltExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit, SystemEventExit,
-    VcpuExit,
+    DebugExit, FailEntryExit, HltExit, InternalErrorExit, IoExit, MmioExit, ShutdownExit,
+    SystemEventExit, VcpuExit,
 )
 from vmm.kvm.vcpu import Vcpu
 from vmm.outcome import (
@@ -49,6 +49,8 @@ class ExitDispatcher:
         self.trace = trace
         self._vcpus = vcpus
         self._trace_count = 0
+        # A debugger (vmm/gdb/stub.py): given each KVM_EXIT_DEBUG; True when the vCPU must stop.
+        self.on_debug: Callable[[Vcpu, DebugExit], bool] | None = None
 
     def dispatch(self, vcpu: Vcpu, exit: VcpuExit) -> bool:
         """Handle one exit. True when this vCPU must stop."""
@@ -71,6 +73,8 @@ class ExitDispatcher:
                 kvm_exits.complete_mmio_read(vcpu.run_struct, self.mmio.read(exit.address, exit.size))
             return False
         self.stats.count(exit.reason)
+        if isinstance(exit, DebugExit) and self.on_debug is not None:
+            return self.on_debug(vcpu, exit)
         if isinstance(exit, HltExit):
             self._stop(EXIT_NO_STATUS, StopReason.HALTED, "the guest executed HLT with nothing to wake it")
         elif isinstance(exit, ShutdownExit):

@@ -32,6 +32,7 @@ class StopReason(StrEnum):
     VMM_ERROR = "vmm error"
     CONSOLE_ESCAPE = "console escape"  # Ctrl-A x
     SNAPSHOT_SAVED = "snapshot saved"  # vmm snapshot create: done at the ready point
+    DEBUGGER_KILL = "killed by the debugger"  # GDB's k packet (vmm run --gdb)
     SIGINT = "SIGINT"
     SIGTERM = "SIGTERM"
 

@@ -59,6 +59,7 @@ class Runner:
         self.outcome: Outcome | None = None
         self.first_run_ns: int | None = None  # monotonic time of the first KVM_RUN
         self.tick: Callable[[Vcpu], None] | None = None  # called on EINTR (profiler)
+        self.on_debug = None  # KVM_EXIT_DEBUG handler (vmm/gdb/stub.py), given to the dispatcher
         self._stop_lock = threading.Lock()
         # Pausing: vCPU threads park on this condition (an RLock inside: a
         # signal handler calling stop() may run while the main thread holds it).
@@ -161,6 +162,7 @@ class Runner:
         self.vcpus, self.pio = list(vcpus), pio
         self.dispatcher = ExitDispatcher(pio, mmio, self.stats, self.stop, kick_others=self._kick_all,
                                          quirks=quirks, trace=self.trace, vcpus=len(self.vcpus))
+        self.dispatcher.on_debug = self.on_debug
         if threading.current_thread() is threading.main_thread():
             signal.signal(KICK_SIGNAL, lambda *_: None)
         start = time.monotonic_ns()

@@ -6,6 +6,7 @@ so that tests and benchmarks can run a VM in-process.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,8 +40,9 @@ def run_firmware(
     stderr: TextIO | None = None,
     bench_count: int = 0,
     handle_signals: bool = True,
+    gdb: tuple[str, int] | None = None,
 ) -> RunResult:
-    """Run one of our firmware payloads (or a raw binary) to its end."""
+    """Run one of our firmware payloads (or a raw binary) to its end (under GDB with ``gdb``)."""
     from vmm.builder import build_firmware_vm
 
     stderr = stderr or sys.stderr
@@ -53,7 +55,8 @@ def run_firmware(
     try:
         if handle_signals:
             install_stop_signals(runner)
-        outcome = runner.run(machine.vcpus, machine.pio, machine.mmio, timeout=config.timeout)
+        with debugger(gdb, machine, runner, stderr):
+            outcome = runner.run(machine.vcpus, machine.pio, machine.mmio, timeout=config.timeout)
         report(outcome, runner, machine, config, stderr)
         return RunResult(outcome, runner.stats, machine.phases)
     finally:
@@ -84,6 +87,32 @@ class PanicWatcher:
             self.panicked = True
             self._line = window[window.index(self.MARKER):]
         self._tail = window[-len(self.MARKER):]
+
+
+@contextlib.contextmanager
+def debugger(address: tuple[str, int] | None, machine, runner: Runner, log: TextIO):
+    """`--gdb`: a GDB stub for this run, the VM stopped before its first instruction."""
+    if address is None:
+        yield None
+        return
+    from vmm.errors import UsageError
+    from vmm.gdb.stub import GdbStub
+    from vmm.kvm.flavour import Flavour
+
+    from vmm.kvm.capabilities import DEBUG, require
+
+    require(machine.kvm, DEBUG)
+    try:
+        pvm = machine.flavour is Flavour.PVM  # what its instruction emulator cannot do
+        stub = GdbStub(address, machine, runner, log=log, software_breakpoints=not pvm,
+                       watchpoints=not pvm, user_steps=not pvm)
+    except OSError as e:
+        raise UsageError(f"--gdb {address[0]}:{address[1]}: {e.strerror or e}") from None
+    try:
+        stub.install()
+        yield stub
+    finally:
+        stub.close(runner.outcome)
 
 
 # --- how the guest comes to be ------------------------------------------------------------
@@ -146,10 +175,11 @@ def run_linux(
     initcalls: bool = False,  # summarize initcall_debug lines at exit (--initcalls)
     on_built=None,  # called with the Machine before it runs (benchmarks read device counters)
     start: ColdBoot | SaveAtReady | FromSnapshot = ColdBoot(),
+    gdb: tuple[str, int] | None = None,  # --gdb: serve GDB there, the VM stopped at its start
 ) -> RunResult:
     """Boot Linux (or restore it), run the command (or a shell), return the guest's exit status."""
     run = LinuxRun(config, start, stdout=stdout, stderr=stderr or sys.stderr, recorder=recorder,
-                   profile=profile, initcalls=initcalls)
+                   profile=profile, initcalls=initcalls, gdb=gdb)
     run.build()
     try:
         if on_built is not None:
@@ -170,10 +200,12 @@ class LinuxRun:
     """
 
     def __init__(self, config: VmConfig, start, *, stdout, stderr: TextIO, recorder=None,
-                 profile=None, initcalls: bool = False, error_stream: BinaryIO | None = None
-                 ) -> None:
-        """``error_stream``: where the second UART's bytes go (``config.stderr_uart``)."""
+                 profile=None, initcalls: bool = False, error_stream: BinaryIO | None = None,
+                 gdb: tuple[str, int] | None = None) -> None:
+        """``error_stream``: where the second UART's bytes go (``config.stderr_uart``);
+        ``gdb``: serve a debugger there (vmm/gdb/stub.py)."""
         self.config = config
+        self.gdb = gdb
         self.start = start
         self.stderr = stderr
         self.recorder = recorder
@@ -282,7 +314,9 @@ class LinuxRun:
             self.runner.tick = self.profiler.tick
             self.profiler.start(lambda: self.runner.vcpu_threads)
         try:
-            outcome = _run_with_console(self.runner, self.guest, self.config, stdin, self.quirks())
+            with debugger(self.gdb, self.machine, self.runner, self.stderr):
+                outcome = _run_with_console(self.runner, self.guest, self.config, stdin,
+                                            self.quirks())
         finally:
             if self.profiler is not None:
                 self.profiler.stop()
@@ -350,8 +384,8 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
         snapshot = loaded(Path(restore))
         config = restore_config(snapshot, config, **{f"{k}_given": v for k, v in (given or {}).items()})
         return restored(snapshot, Path(restore), config)
-    if cold or cache.warm_start_possible(config) is not None:
-        return run_linux(config, **options)
+    if cold or options.get("gdb") or cache.warm_start_possible(config) is not None:
+        return run_linux(config, **options)  # --gdb: from the first instruction, so cold
 
     directory, key = warm_snapshot(config, progress)
     if key is None:

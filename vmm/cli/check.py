@@ -62,6 +62,11 @@ def check(show_cpuid: bool, cpus: int, vcpu: int) -> None:
     if flavour is Flavour.PVM:
         click.echo("note: PVM runs guest kernel code in KVM's instruction emulator: Linux boots take "
                    "tens of seconds; vmm applies its PVM workarounds (vmm/arch/x86_64/pvm.py)")
+    if flavour is Flavour.PVM:
+        click.echo("note: gdb on PVM: single-step and 4 debug-register breakpoints work; an int3 "
+                   "in guest kernel code stops the emulator (software breakpoints use debug "
+                   "registers) and it ignores data breakpoints (no hardware watchpoints; "
+                   "docs/gdb.md)")
     if no_snapshots:
         click.echo(f"note: no snapshots on this host (missing {', '.join(no_snapshots)}): "
                    "vmm run boots every guest")

@@ -81,6 +81,9 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
 @click.option("--initcalls", is_flag=True,
               help="Boot with initcall_debug and print the slowest initcalls at exit (shows the kernel "
                    "log; implies --cold).")
+@click.option("--gdb", "gdb", metavar="[HOST:]PORT",
+              help="Serve GDB's remote protocol there (default host 127.0.0.1): the VM starts "
+                   "stopped before its first instruction; a Linux guest boots cold.")
 @click.option("--boot-timer", is_flag=True,
               help="Print Guest-boot-time (process start to guest /init) and the phases to stderr.")
 @click.option("--metrics", metavar="FILE",
@@ -88,7 +91,7 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify, runloop, trace,
         stats, timeout, console_log, restore, cold, profile, profile_out, symbols, initcalls,
-        boot_timer, metrics, command) -> None:
+        gdb, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status.
 
     A Linux guest starts from a snapshot of itself when vmm has one (the first
@@ -111,6 +114,16 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
                          "(no --cold, --kernel, --initrd, --cmdline, --root, --console-log, --initcalls)")
     if initcalls:  # the timings come through the kernel log: show it, at debug level
         cmdline, console_log, cold = f"{cmdline} initcall_debug loglevel=8".strip(), True, True
+    gdb_address = None
+    if gdb is not None:
+        from vmm.gdb.stub import parse_address
+
+        try:
+            gdb_address = parse_address(gdb)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if restore:
+            raise UsageError("--gdb starts the guest at its first instruction: not with --restore")
     config = build_config(
         firmware=firmware, kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
         disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop, trace=trace,
@@ -124,7 +137,7 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
     if firmware:
         from vmm.session import run_firmware
 
-        result = run_firmware(config)
+        result = run_firmware(config, gdb=gdb_address)
     else:
         import vmm.builder  # noqa: F401 (the KVM bindings: counted in imports_done)
         from vmm.session import run_linux_guest
@@ -134,7 +147,7 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
         result = run_linux_guest(
             config, restore=restore, cold=cold,
             given={"mem": mem is not None, "cpus": cpus is not None, "disks": bool(disks)},
-            recorder=recorder, profile=profile_options, initcalls=initcalls)
+            recorder=recorder, profile=profile_options, initcalls=initcalls, gdb=gdb_address)
     if recorder is not None:
         recorder.finish(result)
     sys.exit(result.status)

@@ -27,7 +27,7 @@ KVM_SET_CPUID2 KVM_GET_CPUID2 KVM_GET_MSRS KVM_SET_MSRS KVM_GET_VCPU_EVENTS KVM_
 KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_GET_LAPIC KVM_SET_LAPIC
 KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
 KVM_GET_TSC_KHZ KVM_GET_IRQCHIP KVM_SET_IRQCHIP KVM_GET_PIT2 KVM_SET_PIT2
-KVM_GET_CLOCK KVM_SET_CLOCK
+KVM_GET_CLOCK KVM_SET_CLOCK KVM_SET_GUEST_DEBUG
 """.split()
 
 CONSTANTS = """
@@ -51,6 +51,8 @@ KVM_CAP_XCRS KVM_CAP_DEBUGREGS KVM_CAP_ADJUST_CLOCK KVM_CAP_GET_TSC_KHZ KVM_CAP_
 KVM_CAP_TSC_DEADLINE_TIMER KVM_PIT_SPEAKER_DUMMY
 KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
 KVM_VCPUEVENT_VALID_NMI_PENDING KVM_VCPUEVENT_VALID_SIPI_VECTOR
+KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP KVM_GUESTDBG_USE_SW_BP KVM_GUESTDBG_USE_HW_BP
+KVM_GUESTDBG_INJECT_BP KVM_GUESTDBG_INJECT_DB
 """.split()
 
 CDEF = (
@@ -58,6 +60,8 @@ CDEF = (
 /* The anonymous union of exits can't be "partial" in cffi: its members are
    spelled out exactly as in <linux/kvm.h>; cffi still checks every named
    field's offset against the compiler's. */
+struct kvm_debug_exit_arch { uint32_t exception; uint32_t pad; uint64_t pc; uint64_t dr6;
+                             uint64_t dr7; };
 struct kvm_run {
     uint8_t request_interrupt_window;
     uint8_t immediate_exit;
@@ -77,6 +81,7 @@ struct kvm_run {
         struct { uint64_t nr; uint64_t args[6]; uint64_t ret; uint32_t longmode; } hypercall;
         struct { uint32_t suberror; uint32_t ndata; uint64_t data[16]; } internal;
         struct { uint32_t type; uint32_t ndata; uint64_t data[16]; } system_event;
+        struct { struct kvm_debug_exit_arch arch; } debug;
         char padding[256];
     };
     ...;
@@ -124,6 +129,8 @@ struct kvm_xsave { uint32_t region[1024]; ...; };
 struct kvm_xcr { uint32_t xcr; uint64_t value; ...; };
 struct kvm_xcrs { uint32_t nr_xcrs; uint32_t flags; struct kvm_xcr xcrs[16]; ...; };
 struct kvm_debugregs { uint64_t dr6; uint64_t dr7; ...; };
+struct kvm_guest_debug_arch { uint64_t debugreg[8]; };
+struct kvm_guest_debug { uint32_t control; uint32_t pad; struct kvm_guest_debug_arch arch; };
 struct kvm_irqchip { uint32_t chip_id; ...; };
 struct kvm_pit_state2 { uint32_t flags; ...; };
 struct kvm_clock_data { uint64_t clock; uint32_t flags; uint64_t realtime; uint64_t host_tsc; ...; };

@@ -15,6 +15,7 @@ from vmm.errors import KvmUnavailableError
 FIRMWARE = "firmware"  # our bare payloads
 LINUX = "linux"  # a Linux guest
 SNAPSHOT = "snapshot"  # saving or restoring one
+DEBUG = "debug"  # vmm run --gdb
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,8 @@ CAPABILITIES = (
     Capability("KVM_CAP_ADJUST_CLOCK", "the kvmclock in snapshots"),
     Capability("KVM_CAP_COALESCED_PIO", "batched port writes"),
     Capability("KVM_CAP_READONLY_MEM", "read-only memory slots"),
+    Capability("KVM_CAP_SET_GUEST_DEBUG", "vmm run --gdb: single-step, breakpoints, watchpoints",
+               frozenset({DEBUG})),
 )
 
 

@@ -101,6 +101,19 @@ class FailEntryExit:
 
 
 @dataclass(frozen=True, slots=True)
+class DebugExit:
+    """KVM_EXIT_DEBUG: a guest-debug stop (KVM_SET_GUEST_DEBUG): #DB (1: a single-step or a
+    debug register hit, ``dr6`` says which) or #BP (3: an int3 breakpoint), at ``pc``."""
+
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
+
+    reason = "debug"
+
+
+@dataclass(frozen=True, slots=True)
 class OtherExit:
     """Any exit vmm has no model for; reported with its number."""
 
@@ -112,7 +125,7 @@ class OtherExit:
 
 
 VcpuExit = Union[IoExit, MmioExit, HltExit, ShutdownExit, SystemEventExit,
-                 InternalErrorExit, FailEntryExit, OtherExit]
+                 InternalErrorExit, FailEntryExit, DebugExit, OtherExit]
 
 _SINGLETON_EXITS = {lib.KVM_EXIT_HLT: HltExit(), lib.KVM_EXIT_SHUTDOWN: ShutdownExit()}
 
@@ -145,6 +158,9 @@ def decode_exit(run: Any) -> VcpuExit:
         return InternalErrorExit(internal.suberror, data, _instruction_bytes(internal.suberror, data))
     if reason == lib.KVM_EXIT_FAIL_ENTRY:
         return FailEntryExit(run.fail_entry.hardware_entry_failure_reason)
+    if reason == lib.KVM_EXIT_DEBUG:
+        arch = run.debug.arch
+        return DebugExit(arch.exception, arch.pc, arch.dr6, arch.dr7)
     return OtherExit(reason)
 
 

@@ -123,6 +123,19 @@ class Vcpu:
     def set_debugregs(self, debugregs: Any) -> None:
         ioctl(self.fd, "KVM_SET_DEBUGREGS", debugregs)
 
+    def set_guest_debug(self, control: int, debugreg: tuple[int, ...] = (0,) * 8) -> None:
+        """KVM_SET_GUEST_DEBUG: single-step, breakpoints (KVM_GUESTDBG_* in ``control``).
+
+        ``debugreg``: DR0-DR3 (addresses), DR6 unused, DR7 (their enables, kinds
+        and lengths) when ``control`` has KVM_GUESTDBG_USE_HW_BP. Stops come back
+        as KVM_EXIT_DEBUG (vmm/kvm/exits.py ``DebugExit``).
+        """
+        debug = ffi.new("struct kvm_guest_debug *")
+        debug.control = control
+        for i, value in enumerate(debugreg[:8]):
+            debug.arch.debugreg[i] = value
+        ioctl(self.fd, "KVM_SET_GUEST_DEBUG", debug)
+
     def get_tsc_khz(self) -> int:
         """KVM_GET_TSC_KHZ: the guest's TSC frequency (the host's, without TSC scaling)."""
         return ioctl(self.fd, "KVM_GET_TSC_KHZ")
