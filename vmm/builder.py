@@ -337,6 +337,13 @@ def add_linux_devices(machine: Machine, config: VmConfig, output, events: GuestE
             machine, config.disks, lambda irq: IrqLine(vm.irq_line, irq),
             notify=config.notify_paths,
             trace=_stderr_line if config.trace else None)
+    if config.nets:
+        from vmm.devices.virtio.attach import attach_net_devices
+
+        cmdline += attach_net_devices(machine, config.nets, len(config.disks),
+                                      lambda irq: IrqLine(vm.irq_line, irq),
+                                      trace=_stderr_line if config.trace else None)
+    if config.disks or config.nets:
         from vmm.devices.virtio.mmio import VirtioMmioTransport
 
         transports = [m.device for m in machine.mmio.mappings()

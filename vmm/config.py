@@ -89,6 +89,60 @@ class DiskConfig:
 
 
 @dataclass(frozen=True)
+class NetConfig:
+    """One NIC: ``--net tap=NAME[,ip=ADDR/PREFIX][,gw=ADDR][,mac=XX:..]``."""
+
+    backend: str  # "tap"
+    name: str  # the TAP interface
+    ip: str | None = None  # the guest's address/prefix: eth0 configured by the kernel (ip=)
+    gateway: str | None = None
+    mac: str | None = None  # default: 52:54:00:12:34:56 + the NIC's index
+
+    @staticmethod
+    def parse(text: str) -> "NetConfig | None":
+        """``none`` (no NIC) or ``tap=NAME[,ip=ADDR/PREFIX][,gw=ADDR][,mac=MAC]``."""
+        import ipaddress
+
+        if text == "none":
+            return None
+        kind, _, rest = text.partition(",")
+        backend, _, name = kind.partition("=")
+        if backend != "tap":
+            raise UsageError(f"--net {text!r}: expected none or tap=NAME[,ip=ADDR/PREFIX,gw=ADDR]")
+        if not name:
+            raise UsageError(f"--net {text!r}: tap=NAME: name the TAP interface")
+        options = dict(option.partition("=")[::2] for option in rest.split(",") if option)
+        unknown = set(options) - {"ip", "gw", "mac"}
+        if unknown:
+            raise UsageError(f"--net {text!r}: unknown option {sorted(unknown)[0]!r} (ip, gw, mac)")
+        try:
+            if "ip" in options:
+                if "/" not in options["ip"]:
+                    raise ValueError(f"ip={options['ip']}: give ADDR/PREFIX, e.g. 10.0.0.2/24")
+                ipaddress.IPv4Interface(options["ip"])
+            if "gw" in options:
+                ipaddress.IPv4Address(options["gw"])
+            if "mac" in options:
+                from vmm.devices.virtio.net import parse_mac
+
+                parse_mac(options["mac"])
+        except ValueError as e:
+            raise UsageError(f"--net {text!r}: {e}") from None
+        if "gw" in options and "ip" not in options:
+            raise UsageError(f"--net {text!r}: gw= without ip=")
+        return NetConfig("tap", name, options.get("ip"), options.get("gw"), options.get("mac"))
+
+    def kernel_ip_option(self, index: int) -> str | None:
+        """The kernel's ip= for this NIC (CONFIG_IP_PNP: eth<index> configured at boot)."""
+        import ipaddress
+
+        if self.ip is None:
+            return None
+        interface = ipaddress.IPv4Interface(self.ip)
+        return (f"ip={interface.ip}::{self.gateway or ''}:{interface.netmask}::eth{index}:off")
+
+
+@dataclass(frozen=True)
 class VmConfig:
     mem: int = DEFAULT_MEM
     cpus: int = 1
@@ -98,6 +152,7 @@ class VmConfig:
     cmdline: str = ""  # extra kernel command-line arguments
     command: tuple[str, ...] = ()  # run in the guest by our /init
     disks: tuple[DiskConfig, ...] = field(default_factory=tuple)
+    nets: tuple[NetConfig, ...] = field(default_factory=tuple)  # virtio-net NICs, after the disks
     runloop: str = "c"
     trace: bool = False
     stats: bool = False
@@ -125,5 +180,5 @@ class VmConfig:
         parse_notify_paths(self.virtio_notify)
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout}: must be positive")
-        if self.firmware is not None and (self.kernel or self.command or self.disks):
-            raise UsageError("--firmware runs a bare payload: no --kernel, --disk or command")
+        if self.firmware is not None and (self.kernel or self.command or self.disks or self.nets):
+            raise UsageError("--firmware runs a bare payload: no --kernel, --disk, --net or command")

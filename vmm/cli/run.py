@@ -22,6 +22,9 @@ MACHINE_OPTIONS = [
     click.option("--cpus", default=None, type=int, help="Number of vCPUs [default: 1]."),
     click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
                  help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order)."),
+    click.option("--net", "nets", multiple=True, metavar="none|tap=NAME[,ip=A/P][,gw=A][,mac=M]",
+                 help="A virtio-net NIC (repeatable; eth0, eth1...) on a TAP device; ip=/gw= "
+                      "configure the first one in the guest kernel. A run with --net boots cold."),
     click.option("--root", metavar="DEV",
                  help="Run the command inside this disk's file system (e.g. /dev/vda)."),
     click.option("--virtio-notify", default="ioeventfd", show_default=True,
@@ -47,10 +50,10 @@ def machine_options(function):
 
 
 def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=None, cpus=None,
-                 disks=(), root=None, virtio_notify="ioeventfd", runloop="c", trace=False,
+                 disks=(), nets=(), root=None, virtio_notify="ioeventfd", runloop="c", trace=False,
                  stats=False, timeout=None, console_log=False, command=()):
     """The VmConfig the options describe (validated: bad input raises UsageError)."""
-    from vmm.config import DiskConfig, VmConfig, parse_size
+    from vmm.config import DiskConfig, NetConfig, VmConfig, parse_size
 
     mem_bytes = parse_size(mem) if mem else (2 << 20 if firmware else VmConfig.mem)
     disk_configs = tuple(DiskConfig.parse(d) for d in disks)
@@ -61,6 +64,7 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
     return VmConfig(
         mem=mem_bytes, cpus=cpus if cpus is not None else 1, firmware=firmware, kernel=kernel,
         initrd=initrd, cmdline=cmdline, command=tuple(command), disks=disk_configs,
+        nets=tuple(n for n in (NetConfig.parse(text) for text in nets) if n is not None),
         virtio_notify=virtio_notify, runloop=runloop, trace=trace, stats=stats, timeout=timeout,
         console_log=console_log, interactive=not command and sys.stdin.isatty(),
     )
@@ -89,7 +93,7 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
 @click.option("--metrics", metavar="FILE",
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify, runloop, trace,
+def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify, runloop, trace,
         stats, timeout, console_log, restore, cold, profile, profile_out, symbols, initcalls,
         gdb, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status.
@@ -126,7 +130,7 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify
             raise UsageError("--gdb starts the guest at its first instruction: not with --restore")
     config = build_config(
         firmware=firmware, kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
-        disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop, trace=trace,
+        disks=disks, nets=nets, root=root, virtio_notify=virtio_notify, runloop=runloop, trace=trace,
         stats=stats, timeout=timeout, console_log=console_log, command=command)
     recorder = None
     if boot_timer or metrics:

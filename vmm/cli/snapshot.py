@@ -17,8 +17,8 @@ def snapshot() -> None:
 @snapshot.command()
 @click.argument("directory", type=click.Path(file_okay=False))
 @machine_options
-def create(directory, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_notify, runloop,
-           trace, stats, timeout, console_log) -> None:
+def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify,
+           runloop, trace, stats, timeout, console_log) -> None:
     """Boot a guest to its ready point and save it in DIRECTORY (new or empty).
 
     The guest's /init waits there for a command: `vmm run --restore DIRECTORY
@@ -34,6 +34,9 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, root, virtio_no
 
     target = Path(directory)
     check_target(target)  # now, not after the boot
+    if any(n != "none" for n in nets):
+        raise SnapshotError("--net: a VM with a NIC cannot be saved yet (its TAP device is "
+                            "outside the VM)")
     config = build_config(kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
                           disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop,
                           trace=trace, stats=stats, timeout=timeout, console_log=console_log)

@@ -46,6 +46,8 @@ def warm_start_possible(config: VmConfig) -> str | None:
     """None if this run can use a cached snapshot; else why it boots cold."""
     if config.firmware:
         return "firmware payloads boot in microseconds"
+    if config.nets:
+        return "a NIC's backend (its TAP device) is outside the VM: a run with --net boots cold"
     writable = [d.path for d in config.disks if not d.read_only]
     if writable:
         return f"disk {writable[0]} is writable: its content changes with every run"

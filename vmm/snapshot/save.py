@@ -129,6 +129,9 @@ def save_snapshot(directory: Path, guest, config: VmConfig, mailbox: list[tuple[
     restored on a copy of the copy (vmm/oci/imagebase.py).
     """
     start = time.perf_counter()
+    if config.nets:
+        raise SnapshotError("a VM with a NIC (--net) cannot be saved yet: its backend, a TAP "
+                            "device and its frames in flight, is outside the VM")
     directory = Path(directory)
     if not replace:
         check_target(directory)

@@ -1,4 +1,4 @@
-"""Give a machine its disks: one virtio-blk device per --disk, each on virtio-mmio.
+"""Give a machine its disks and NICs: a virtio-blk device per --disk, a virtio-net per --net.
 
 For disk i: the window at VIRTIO_MMIO_BASE + i * 4 KiB, IRQ VIRTIO_MMIO_IRQ_BASE + i,
 and a ``virtio_mmio.device=4K@<base>:<irq>`` on the kernel command line so the
@@ -22,7 +22,7 @@ from vmm.arch.x86_64.layout import (
     VIRTIO_MMIO_MAX_DEVICES,
     VIRTIO_MMIO_SIZE,
 )
-from vmm.config import DiskConfig, NotifyPath
+from vmm.config import DiskConfig, NetConfig, NotifyPath
 from vmm.devices.disk import RawDiskImage
 from vmm.devices.virtio.block import VirtioBlock
 from vmm.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
@@ -54,29 +54,77 @@ def attach_block_devices(
         raise DeviceError(f"{len(disks)} disks: at most {VIRTIO_MMIO_MAX_DEVICES}")
     fragments = []
     for i, disk in enumerate(disks):
-        base = VIRTIO_MMIO_BASE + i * VIRTIO_MMIO_SIZE
-        irq = VIRTIO_MMIO_IRQ_BASE + i
         backend = RawDiskImage(disk.path, disk.read_only)
         machine.closers.append(backend.close)
         device = VirtioBlock(backend, serial=disk.serial)
         for message in device.warnings:
             warn(message)
-        name = f"virtio-blk{i}"
         path = paths[min(i, len(paths) - 1)]
-        if path is NotifyPath.IOEVENTFD:
-            from vmm.devices.virtio.iothread import IrqfdLine
-
-            line = IrqfdLine(machine.vm.irqfd, irq)
-            machine.closers.append(line.close)
-        else:
-            line = irq_line_factory(irq)
-        transport = VirtioMmioTransport(device, machine.memory, line, name=name)
-        transport.trace = trace
-        if path is NotifyPath.IOEVENTFD:
-            _attach_ioeventfds(machine, transport, base, trace)
-        machine.mmio.register(base, VIRTIO_MMIO_SIZE, transport, name)
-        fragments.append(f"virtio_mmio.device={VIRTIO_MMIO_SIZE // 1024}K@{base:#x}:{irq}")
+        fragment, _ = _attach_transport(machine, device, i, f"virtio-blk{i}", path,
+                                        irq_line_factory, trace)
+        fragments.append(fragment)
     return fragments
+
+
+def attach_net_devices(
+    machine,
+    nets: tuple[NetConfig, ...],
+    first_slot: int,
+    irq_line_factory: Callable[[int], object],
+    *,
+    notify: NotifyPath = NotifyPath.IOEVENTFD,
+    trace: Callable[[str], None] | None = None,
+) -> list[str]:
+    """A virtio-net device per --net, in the virtio-mmio slots after the disks' (eth0, eth1...).
+
+    Returns the command-line fragments: each device's, and the kernel's ``ip=``
+    for the first NIC given an address.
+    """
+    from vmm.devices.netbackend import TapBackend
+    from vmm.devices.virtio.net import VirtioNet, default_mac, parse_mac
+
+    if first_slot + len(nets) > VIRTIO_MMIO_MAX_DEVICES:
+        raise DeviceError(f"{first_slot} disks and {len(nets)} NICs: at most "
+                          f"{VIRTIO_MMIO_MAX_DEVICES} virtio devices")
+    if notify is NotifyPath.IOEVENTFD and not ioeventfd_supported(machine.vm):
+        notify = NotifyPath.EXIT
+    fragments, ip_given = [], False
+    for i, net in enumerate(nets):
+        backend = TapBackend(net.name)
+        machine.closers.append(backend.close)  # closers run in reverse: after the I/O thread
+        device = VirtioNet(backend, parse_mac(net.mac) if net.mac else default_mac(i))
+        fragment, device.transport = _attach_transport(machine, device, first_slot + i,
+                                                       f"virtio-net{i}", notify,
+                                                       irq_line_factory, trace)
+        fragments.append(fragment)
+        backend.start(device.receive)
+        option = net.kernel_ip_option(i)
+        if option and not ip_given:  # the kernel's ip= configures one interface
+            fragments.append(option)
+            ip_given = True
+    return fragments
+
+
+def _attach_transport(machine, device, slot: int, name: str, path: NotifyPath,
+                      irq_line_factory: Callable[[int], object],
+                      trace: Callable[[str], None] | None) -> tuple[str, VirtioMmioTransport]:
+    """``device`` on the virtio-mmio window and IRQ of ``slot``: (its command-line fragment,
+    its transport)."""
+    base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE
+    irq = VIRTIO_MMIO_IRQ_BASE + slot
+    if path is NotifyPath.IOEVENTFD:
+        from vmm.devices.virtio.iothread import IrqfdLine
+
+        line = IrqfdLine(machine.vm.irqfd, irq)
+        machine.closers.append(line.close)
+    else:
+        line = irq_line_factory(irq)
+    transport = VirtioMmioTransport(device, machine.memory, line, name=name)
+    transport.trace = trace
+    if path is NotifyPath.IOEVENTFD:
+        _attach_ioeventfds(machine, transport, base, trace)
+    machine.mmio.register(base, VIRTIO_MMIO_SIZE, transport, name)
+    return f"virtio_mmio.device={VIRTIO_MMIO_SIZE // 1024}K@{base:#x}:{irq}", transport
 
 
 def ioeventfd_supported(vm) -> bool:

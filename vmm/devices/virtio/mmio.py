@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from vmm.config import NotifyPath
-from vmm.devices.virtio.queue import DescriptorChain, Queue, QueueError, QueueState, RingError
+from vmm.devices.virtio.queue import (ChainError, DescriptorChain, Queue, QueueError, QueueState,
+                                      RingError)
 from vmm.devices.virtio.service import QueueServer, TransportStats
 from vmm.memory import GuestMemory
 
@@ -350,6 +351,47 @@ class VirtioMmioTransport:
         """
         with self._lock:
             self._notify(queue_index, kicks)
+
+    @property
+    def lock(self):
+        """The transport's lock (re-entrant): a device's own state shares it (virtio-net)."""
+        return self._lock
+
+    def receive(self, queue_index: int, fill) -> bool:
+        """Device-initiated: ``fill(chain, memory) -> bytes written`` on the next posted chain.
+
+        For a queue the driver stocks with empty buffers (virtio-net's receive
+        queue), from the device's own thread. False when the device is not
+        running or no chain is posted: then the driver is asked to notify the
+        queue when it posts one. A malformed chain goes back with length 0 and
+        the next one is tried; a broken ring needs a reset.
+        """
+        with self._lock:
+            if not self._running() or queue_index >= len(self.queues) \
+                    or not self.queues[queue_index].active:
+                return False
+            queue = self.queues[queue_index]
+            try:
+                while True:
+                    try:
+                        chain = queue.pop()
+                    except ChainError as e:
+                        self.stats.chain_errors += 1
+                        self._error(f"malformed chain: {type(e).__name__}", str(e))
+                        queue.add_used(e.head, 0)
+                        continue
+                    if chain is None and queue.enable_notification():
+                        continue  # posted while we looked: take it
+                    break
+                if chain is None:
+                    return False
+                queue.add_used(chain.head, fill(chain, self.memory))
+                if queue.needs_notification():
+                    self._signal(INT_USED_RING)
+                return True
+            except RingError as e:
+                self._needs_reset(f"{type(e).__name__}: queue {queue_index}: {e}")
+                return False
 
     def config_changed(self) -> None:
         """The device's configuration changed (a resized disk): tell the driver."""

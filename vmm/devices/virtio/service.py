@@ -71,7 +71,13 @@ class QueueServer:
 
         A malformed chain goes back with length 0 (counted); a broken ring
         raises :class:`RingError` after what was done is in the used ring.
+        A queue the device fills when it has something (virtio-net's receive
+        queue, ``device.deferred_queues``) is not served: the device hears
+        that buffers were posted, and takes them when it needs them.
         """
+        if queue_index in getattr(self.device, "deferred_queues", ()):
+            self.device.buffers_posted(queue_index)
+            return queue.needs_notification()
         while True:
             queue.disable_notification()
             while True:
