@@ -1,9 +1,13 @@
-"""`vmm run --net tap=...`: our guest on a TAP device, inside a network namespace of the test's own.
+"""`vmm run --net`: our guest on a TAP device, and on passt (user-mode networking).
 
-The namespace keeps every packet on this host: the test makes it, a TAP
-device in it with the host's address (10.77.0.1/24), and runs vmm in it. One
-guest run: `ping` the host, send it 100 KB over TCP (`nc`), receive 300 KB
-from it, both checked by MD5 on each side. Needs root (ip netns) and KVM.
+TAP: inside a network namespace of the test's own, which keeps every packet
+on this host (a TAP device in it with the host's address, 10.77.0.1/24, and
+vmm run in it): `ping` the host, send it 100 KB over TCP (`nc`), receive
+300 KB from it, checked by MD5 on each side. Needs root (ip netns) and KVM.
+passt: the guest reaches only the host's loopback (passt's gateway address is
+mapped to 127.0.0.1; the guest connects to nothing else): it fetches a file
+from an HTTP server the test runs there, and a forward of a loopback port
+reaches busybox httpd in the guest; passt goes when vmm is killed.
 """
 
 from __future__ import annotations
@@ -97,3 +101,72 @@ def test_a_bad_tap_name_is_one_line_and_no_boot():
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "tap=a-name-much-too-long: not an interface name" in lines[0], lines
+
+
+# --- --net user: passt ---------------------------------------------------------------------
+def _children_named(pid: int, name: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if comm.startswith(name) and int(rest.split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp_path):
+    """Only the host's loopback is reached: the guest talks to passt's gateway address, which
+    passt maps to 127.0.0.1, and the forward binds 127.0.0.1 only."""
+    import http.server
+    import socket
+    import threading
+    import urllib.request
+
+    if subprocess.run(["which", "passt"], capture_output=True).returncode != 0:
+        pytest.fail("passt not found: apt-get install passt (.ci/run does)")
+    blob = random.Random(11).randbytes(150_000)
+    (tmp_path / "blob").write_bytes(blob)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as probe:  # a free port on the host's loopback for the forward
+        probe.bind(("127.0.0.1", 0))
+        forward = probe.getsockname()[1]
+    script = (f"ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; "
+              f"wget -q -O - http://10.0.2.2:{server.server_port}/blob | md5sum; "
+              "mkdir -p /www; echo hello-from-the-guest > /www/index.html; httpd -p 80 -h /www; "
+              "echo ready; sleep 120")
+    vmm = subprocess.Popen([sys.executable, "-m", "vmm", "run", "--net",
+                            f"user,hostfwd=tcp:{forward}:80", "--", "sh", "-c", script],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    passts: list[int] = []
+    try:
+        lines = []
+        while "ready" not in lines:
+            line = vmm.stdout.readline()
+            assert line, f"the guest ended early: {lines} {vmm.stderr.read()}"
+            lines.append(line.strip())
+        assert lines[0] == "inet 10.0.2.15/24"
+        assert lines[1].split()[0] == hashlib.md5(blob).hexdigest()  # byte for byte
+        with urllib.request.urlopen(f"http://127.0.0.1:{forward}/", timeout=60) as reply:
+            assert reply.read() == b"hello-from-the-guest\n"
+        passts = _children_named(vmm.pid, "passt")
+        assert len(passts) == 1, passts
+    finally:
+        vmm.kill()  # the hardest way out: passt must still go (its socket pair closes)
+        vmm.wait()
+        server.shutdown()
+    deadline = time.monotonic() + 10
+    while passts and time.monotonic() < deadline and os.path.exists(f"/proc/{passts[0]}"):
+        try:
+            os.waitpid(passts[0], os.WNOHANG)  # not our child: /proc tells when it is gone
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{passts[0]}") or \
+        open(f"/proc/{passts[0]}/stat").read().split(")")[1].split()[0] == "Z"

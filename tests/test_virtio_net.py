@@ -7,6 +7,7 @@ every malformed frame or chain is dropped and counted, never raised.
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -138,13 +139,19 @@ def test_bad_received_frames_and_small_buffers_are_dropped(memory):
     ("tap=tap0", NetConfig("tap", "tap0")),
     ("tap=vt,ip=10.0.0.2/24,gw=10.0.0.1,mac=52:54:00:00:00:09",
      NetConfig("tap", "vt", "10.0.0.2/24", "10.0.0.1", "52:54:00:00:00:09")),
+    ("user", NetConfig("user", "", "10.0.2.15/24", "10.0.2.2")),
+    ("user,hostfwd=tcp:8080:80,hostfwd=tcp:2222:22",
+     NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", None, ((8080, 80), (2222, 22)))),
 ])
 def test_net_option(text, parsed):
     assert NetConfig.parse(text) == parsed
 
 
 @pytest.mark.parametrize("text, message", [
-    ("user", "expected none or tap=NAME"),
+    ("slirp", "expected none, user"),
+    ("user,hostfwd=udp:53:53", "hostfwd=tcp:HOSTPORT:GUESTPORT"),
+    ("user,hostfwd=tcp:0:80", "hostfwd=tcp:HOSTPORT:GUESTPORT"),
+    ("user,ip=10.0.0.2/24", "unknown option 'ip' (hostfwd, mac)"),
     ("tap=", "name the TAP interface"),
     ("tap=t,ip=10.0.0.2", "ADDR/PREFIX"),
     ("tap=t,ip=10.0.0.300/24", "10.0.0.300"),
@@ -153,7 +160,7 @@ def test_net_option(text, parsed):
     ("tap=t,speed=10", "unknown option 'speed'"),
 ])
 def test_bad_net_options_get_one_line(text, message):
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=re.escape(message)):
         NetConfig.parse(text)
 
 

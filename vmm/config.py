@@ -90,13 +90,15 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
-    """One NIC: ``--net tap=NAME[,ip=ADDR/PREFIX][,gw=ADDR][,mac=XX:..]``."""
+    """One NIC: ``--net tap=NAME[,ip=ADDR/PREFIX][,gw=ADDR][,mac=MAC]`` or
+    ``--net user[,hostfwd=tcp:HOSTPORT:GUESTPORT]...[,mac=MAC]``."""
 
-    backend: str  # "tap"
-    name: str  # the TAP interface
+    backend: str  # "tap" or "user" (passt)
+    name: str = ""  # the TAP interface
     ip: str | None = None  # the guest's address/prefix: eth0 configured by the kernel (ip=)
     gateway: str | None = None
     mac: str | None = None  # default: 52:54:00:12:34:56 + the NIC's index
+    forwards: tuple[tuple[int, int], ...] = ()  # user: (host port on 127.0.0.1, guest port)
 
     @staticmethod
     def parse(text: str) -> "NetConfig | None":
@@ -107,8 +109,11 @@ class NetConfig:
             return None
         kind, _, rest = text.partition(",")
         backend, _, name = kind.partition("=")
+        if backend == "user" and not name:
+            return NetConfig._parse_user(text, rest)
         if backend != "tap":
-            raise UsageError(f"--net {text!r}: expected none or tap=NAME[,ip=ADDR/PREFIX,gw=ADDR]")
+            raise UsageError(f"--net {text!r}: expected none, user[,hostfwd=tcp:HOSTPORT:GUESTPORT] "
+                             "or tap=NAME[,ip=ADDR/PREFIX,gw=ADDR]")
         if not name:
             raise UsageError(f"--net {text!r}: tap=NAME: name the TAP interface")
         options = dict(option.partition("=")[::2] for option in rest.split(",") if option)
@@ -131,6 +136,37 @@ class NetConfig:
         if "gw" in options and "ip" not in options:
             raise UsageError(f"--net {text!r}: gw= without ip=")
         return NetConfig("tap", name, options.get("ip"), options.get("gw"), options.get("mac"))
+
+    @staticmethod
+    def _parse_user(text: str, rest: str) -> "NetConfig":
+        """user: passt's fixed addresses (10.0.2.15/24, gateway 10.0.2.2), port forwards, mac."""
+        from vmm.devices.netbackend import GATEWAY, GUEST_ADDRESS, PREFIX
+
+        forwards, mac = [], None
+        for option in (o for o in rest.split(",") if o):
+            key, _, value = option.partition("=")
+            if key == "hostfwd":
+                parts = value.split(":")
+                try:
+                    if len(parts) != 3 or parts[0] != "tcp":
+                        raise ValueError
+                    host, guest = int(parts[1]), int(parts[2])
+                    if not (0 < host < 65536 and 0 < guest < 65536):
+                        raise ValueError
+                except ValueError:
+                    raise UsageError(f"--net {text!r}: hostfwd=tcp:HOSTPORT:GUESTPORT") from None
+                forwards.append((host, guest))
+            elif key == "mac":
+                from vmm.devices.virtio.net import parse_mac
+
+                try:
+                    parse_mac(value)
+                except ValueError as e:
+                    raise UsageError(f"--net {text!r}: {e}") from None
+                mac = value
+            else:
+                raise UsageError(f"--net {text!r}: unknown option {key!r} (hostfwd, mac)")
+        return NetConfig("user", "", f"{GUEST_ADDRESS}/{PREFIX}", GATEWAY, mac, tuple(forwards))
 
     def kernel_ip_option(self, index: int) -> str | None:
         """The kernel's ip= for this NIC (CONFIG_IP_PNP: eth<index> configured at boot)."""

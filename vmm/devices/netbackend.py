@@ -1,4 +1,4 @@
-"""Where a virtio-net device's frames go: a TAP device on the host.
+"""Where a virtio-net device's frames go: a TAP device on the host, or passt.
 
 ``TapBackend`` opens ``/dev/net/tun`` and attaches to (or creates) the TAP
 interface NAME (``IFF_TAP | IFF_NO_PI``: whole Ethernet frames, no packet
@@ -17,6 +17,7 @@ import os
 import select
 import struct
 import threading
+import time
 from collections import Counter
 from typing import Callable
 
@@ -93,3 +94,119 @@ class TapBackend:
                 os.close(fd)
             except OSError:
                 pass
+
+
+# --- user-mode networking: passt ----------------------------------------------------------
+GUEST_ADDRESS, GATEWAY, PREFIX = "10.0.2.15", "10.0.2.2", 24  # as QEMU's user networking
+LENGTH = struct.Struct(">I")  # passt's qemu socket protocol: a frame, prefixed by its length
+
+
+class PasstBackend:
+    """User-mode networking, no privileges: passt, given one end of a socket pair.
+
+    passt (Debian's ``passt``) runs as our child with ``--fd``: every frame on
+    the stream is prefixed with its length (big-endian, 32 bits). It answers
+    ARP and DHCP, translates the guest's TCP/UDP/ICMP into host sockets, and
+    maps the gateway address to the host's loopback: a guest connection to
+    10.0.2.2:PORT reaches 127.0.0.1:PORT. ``forwards`` (HOSTPORT, GUESTPORT)
+    bind 127.0.0.1:HOSTPORT on the host to the guest's GUESTPORT. With ``-1``
+    passt exits when its end of the pair closes, so it never outlives vmm.
+    """
+
+    def __init__(self, mac: bytes, forwards: tuple[tuple[int, int], ...] = ()) -> None:
+        """``mac``: the guest NIC's. Until passt has seen a frame from the guest it does not
+        know it, and sends to 00:00:00:00:00:00, which the guest would drop (a forwarded
+        connection to a guest that has sent nothing yet): those get ``mac`` instead."""
+        self.mac = mac
+        import shutil
+        import socket
+        import subprocess
+        import tempfile
+
+        passt = shutil.which("passt")
+        if passt is None:
+            raise DeviceError("--net user needs passt: apt-get install passt")
+        self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ports = ",".join(f"127.0.0.1/{host}:{guest}" for host, guest in forwards) or "none"
+        self._log = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(
+            [passt, "--foreground", "--quiet", "--one-off", "--ipv4-only",
+             "--fd", str(theirs.fileno()), "--address", GUEST_ADDRESS, "--netmask", str(PREFIX),
+             "--gateway", GATEWAY, "--no-dhcp-dns", "--no-dhcp-search",
+             "--tcp-ports", ports, "--udp-ports", "none"],
+            pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=self._log)
+        theirs.close()
+        self.errors: Counter[str] = Counter()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._send_lock = threading.Lock()
+        time.sleep(0.02)  # passt refuses bad options at once: say so now, not at the first frame
+        if self.process.poll() is not None:
+            self.close()
+            raise DeviceError(f"--net user: passt exited: {self._messages()}")
+
+    def _messages(self) -> str:
+        self._log.seek(0)
+        lines = [line for line in self._log.read().decode(errors="replace").splitlines()
+                 if line and "syslog" not in line]
+        return lines[-1] if lines else "(no message)"
+
+    def send(self, frame: bytes) -> None:
+        try:
+            with self._send_lock:
+                self.socket.sendall(LENGTH.pack(len(frame)) + frame)
+        except OSError as e:
+            self.errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
+
+    def start(self, receive: Callable[[bytes, Callable[[], bool]], None]) -> None:
+        self._thread = threading.Thread(target=self._read, args=(receive,), daemon=True,
+                                        name="passt")
+        self._thread.start()
+
+    def _read_exactly(self, count: int) -> bytes | None:
+        data = bytearray()
+        while len(data) < count:
+            try:
+                chunk = self.socket.recv(count - len(data))
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        return bytes(data)
+
+    def _read(self, receive) -> None:
+        stopping = lambda: self._stopping  # noqa: E731
+        while not self._stopping:
+            header = self._read_exactly(LENGTH.size)
+            if header is None:
+                return
+            length = LENGTH.unpack(header)[0]
+            if length > READ_SIZE:  # a peer that lost the framing: nothing after it makes sense
+                self.errors["bad_length"] += 1
+                return
+            frame = self._read_exactly(length)
+            if frame is None:
+                return
+            if frame[:6] == bytes(6):
+                frame = self.mac + frame[6:]
+            receive(frame, stopping)
+
+    def close(self) -> None:
+        import socket
+
+        self._stopping = True
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.socket.close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self.process.wait(timeout=5)
+        except Exception:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()

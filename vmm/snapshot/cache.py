@@ -47,7 +47,7 @@ def warm_start_possible(config: VmConfig) -> str | None:
     if config.firmware:
         return "firmware payloads boot in microseconds"
     if config.nets:
-        return "a NIC's backend (its TAP device) is outside the VM: a run with --net boots cold"
+        return "a NIC's backend (a TAP device, passt) is outside the VM: a run with --net boots cold"
     writable = [d.path for d in config.disks if not d.read_only]
     if writable:
         return f"disk {writable[0]} is writable: its content changes with every run"

@@ -80,7 +80,7 @@ def attach_net_devices(
     Returns the command-line fragments: each device's, and the kernel's ``ip=``
     for the first NIC given an address.
     """
-    from vmm.devices.netbackend import TapBackend
+    from vmm.devices.netbackend import PasstBackend, TapBackend
     from vmm.devices.virtio.net import VirtioNet, default_mac, parse_mac
 
     if first_slot + len(nets) > VIRTIO_MMIO_MAX_DEVICES:
@@ -90,9 +90,10 @@ def attach_net_devices(
         notify = NotifyPath.EXIT
     fragments, ip_given = [], False
     for i, net in enumerate(nets):
-        backend = TapBackend(net.name)
+        mac = parse_mac(net.mac) if net.mac else default_mac(i)
+        backend = TapBackend(net.name) if net.backend == "tap" else PasstBackend(mac, net.forwards)
         machine.closers.append(backend.close)  # closers run in reverse: after the I/O thread
-        device = VirtioNet(backend, parse_mac(net.mac) if net.mac else default_mac(i))
+        device = VirtioNet(backend, mac)
         fragment, device.transport = _attach_transport(machine, device, first_slot + i,
                                                        f"virtio-net{i}", notify,
                                                        irq_line_factory, trace)
