@@ -317,6 +317,7 @@ class PhaseRecorder:
             "phases_ms": relative_ms(self.phases),
             "phases_ns": {n: self.phases[n] for n in relative_ms(self.phases)},
             "exits": result.stats.as_dict(),
+            "devices": getattr(result, "devices", {}),  # each virtio transport's counters
             "memory": {
                 "peak_rss_bytes": peak,
                 "rss_before_close_bytes": self.rss_before_close,
