@@ -169,3 +169,14 @@ def test_the_kernel_configures_eth0_from_ip():
     assert net.kernel_ip_option(0) == "ip=10.99.0.2::10.99.0.1:255.255.255.0::eth0:off"
     assert NetConfig.parse("tap=t").kernel_ip_option(0) is None
     assert parse_mac("52:54:00:ab:cd:ef") == bytes.fromhex("525400abcdef")
+
+
+def test_a_large_mtu_is_offered_and_frames_up_to_it_pass(memory):
+    backend = Backend()
+    device = VirtioNet(backend, default_mac(0), mtu=65520)
+    assert device.features >> 3 & 1  # VIRTIO_NET_F_MTU
+    assert device.read_config(10, 2) == (65520).to_bytes(2, "little")
+    big = FRAME[:14] + bytes(65000)
+    assert device.process_chain(TX, tx_chain(memory, bytes(HEADER.size) + big), memory) == 0
+    assert backend.sent == [big]
+    assert not VirtioNet(Backend(), default_mac(0)).features >> 3 & 1  # 1500: not offered

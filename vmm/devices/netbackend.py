@@ -98,6 +98,7 @@ class TapBackend:
 
 # --- user-mode networking: passt ----------------------------------------------------------
 GUEST_ADDRESS, GATEWAY, PREFIX = "10.0.2.15", "10.0.2.2", 24  # as QEMU's user networking
+PASST_MTU = 65520  # passt's own default: the largest 802.3 frame, rounded to 32-bit words
 LENGTH = struct.Struct(">I")  # passt's qemu socket protocol: a frame, prefixed by its length
 
 

@@ -12,7 +12,8 @@ This first device offers no offloads (no CSUM, no GSO, no MRG_RXBUF): the
 driver checksums in software and posts buffers of a whole frame each, so every
 header it sends must be all zeros but for its length, and every header we
 write is zeros with ``num_buffers`` = 1. Offered: VERSION_1, MAC, STATUS (the
-link is up), EVENT_IDX, INDIRECT_DESC.
+link is up), EVENT_IDX, INDIRECT_DESC, and MTU when it is not Ethernet's 1,500
+(passt's 65,520: the driver then posts receive chains of a whole 64 KiB frame).
 
 Transmit is a queue notification like a disk request: the transport's
 QueueServer hands each chain to :meth:`VirtioNet.process_chain`. Receive is the
@@ -42,6 +43,7 @@ from vmm.memory import GuestMemory
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
 
+VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_S_LINK_UP = 1
@@ -49,7 +51,8 @@ VIRTIO_NET_S_LINK_UP = 1
 HEADER = struct.Struct("<BBHHHHH")  # virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size,
 #                                     csum_start, csum_offset, num_buffers
 ETHERNET_HEADER = 14
-MAX_FRAME = 1514 + 4  # an MTU of 1500, an Ethernet header, a VLAN tag
+DEFAULT_MTU = 1500
+MAX_FRAME = DEFAULT_MTU + ETHERNET_HEADER + 4  # with a VLAN tag: the default MTU's largest frame
 QUEUE_SIZE = 256
 
 
@@ -85,9 +88,15 @@ class VirtioNet:
     device_id = VIRTIO_ID_NET
     deferred_queues = frozenset({RX})  # its chains wait for frames: not served on a notify
 
-    def __init__(self, backend: FrameBackend, mac: bytes, queue_size: int = QUEUE_SIZE) -> None:
+    def __init__(self, backend: FrameBackend, mac: bytes, queue_size: int = QUEUE_SIZE, *,
+                 mtu: int = DEFAULT_MTU) -> None:
+        """``mtu`` above 1500 is offered (VIRTIO_NET_F_MTU): the driver then posts receive
+        chains of a whole 64 KiB frame ("big packets") and sends frames up to it, so the
+        guest's stack handles a 64 KiB segment where it would handle 44 of 1,500 bytes."""
         self.backend = backend
         self.mac = mac
+        self.mtu = mtu
+        self.max_frame = mtu + ETHERNET_HEADER + 4
         self.queue_max_sizes = (queue_size, queue_size)
         self.negotiated = 0
         self.transport = None  # set when attached: received frames go through it (and its lock)
@@ -103,10 +112,13 @@ class VirtioNet:
     def features(self) -> int:
         bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                 VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS]
+        if self.mtu != DEFAULT_MTU:
+            bits.append(VIRTIO_NET_F_MTU)
         return sum(1 << bit for bit in bits)
 
     def read_config(self, offset: int, size: int) -> bytes:
-        config = self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1)  # status, max queue pairs
+        # mac, status, max_virtqueue_pairs, mtu (spec 5.1.4)
+        config = self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, 1, self.mtu)
         return config[offset:offset + size]
 
     def write_config(self, offset: int, data: bytes) -> None:
@@ -139,7 +151,7 @@ class VirtioNet:
         if total < HEADER.size + ETHERNET_HEADER:
             self.dropped["tx_too_short"] += 1
             return 0
-        if total - HEADER.size > MAX_FRAME:
+        if total - HEADER.size > self.max_frame:
             self.dropped["tx_too_long"] += 1
             return 0
         try:
@@ -165,7 +177,7 @@ class VirtioNet:
         thread (its socket or TAP queue holds the frames behind it), until the
         driver posts buffers (:meth:`buffers_posted`) or ``stopping()``.
         """
-        if not ETHERNET_HEADER <= len(frame) <= MAX_FRAME:
+        if not ETHERNET_HEADER <= len(frame) <= self.max_frame:
             self.dropped["rx_bad_length"] += 1
             return
         with self.transport.lock:
