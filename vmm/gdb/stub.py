@@ -93,6 +93,16 @@ class GdbStub:
         # False on PVM: a single-step in guest user code (which runs natively) raises #DB in
         # the guest, whose kernel sends the process SIGTRAP: refused rather than done.
         self.user_steps = user_steps
+        # A step must not take the vCPU into an interrupt handler (the next stop would be
+        # there, and the trap flag would leak into the interrupt's saved RFLAGS):
+        # KVM_GUESTDBG_BLOCKIRQ, where this KVM has it (KVM_CAP_SET_GUEST_DEBUG2's bits).
+        self.block_irq = 0
+        kvm = getattr(machine, "kvm", None)
+        if kvm is not None:
+            from vmm.kvm.ioctl import lib
+
+            if kvm.check_extension(lib.KVM_CAP_SET_GUEST_DEBUG2) & lib.KVM_GUESTDBG_BLOCKIRQ:
+                self.block_irq = lib.KVM_GUESTDBG_BLOCKIRQ
         self.listener = socket.create_server(address, backlog=2)
         self.address = self.listener.getsockname()[:2]
         self.client: socket.socket | None = None
@@ -450,7 +460,7 @@ class GdbStub:
         for index, vcpu in enumerate(self.machine.vcpus):
             control = base
             if index == step:
-                control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP
+                control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP | self.block_irq
             vcpu.set_guest_debug(control, tuple(debugreg))
         self.stop = None
         if step is not None:
