@@ -180,3 +180,15 @@ def test_a_large_mtu_is_offered_and_frames_up_to_it_pass(memory):
     assert device.process_chain(TX, tx_chain(memory, bytes(HEADER.size) + big), memory) == 0
     assert backend.sent == [big]
     assert not VirtioNet(Backend(), default_mac(0)).features >> 3 & 1  # 1500: not offered
+
+
+def test_net_with_restore_is_refused_before_anything_starts(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "vmm", "run", "--restore", str(tmp_path),
+                             "--net", "user", "--", "true"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "vmm: --net with --restore: a snapshot has no NIC, and one cannot be added to a "
+        "restored VM yet (a run with --net boots cold)"]

@@ -115,6 +115,9 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_
             raise UsageError(str(e)) from None
     if firmware and (profile_options or initcalls or restore):
         raise UsageError("--profile/--initcalls/--restore: only for Linux guests, not --firmware")
+    if restore and any(n != "none" for n in nets):
+        raise UsageError("--net with --restore: a snapshot has no NIC, and one cannot be added "
+                         "to a restored VM yet (a run with --net boots cold)")
     if restore and (cold or kernel or initrd or cmdline or root or console_log or initcalls):
         raise UsageError("--restore: the snapshot fixes the kernel, initrd and command line "
                          "(no --cold, --kernel, --initrd, --cmdline, --root, --console-log, --initcalls)")
