@@ -45,14 +45,15 @@ from vmm.bench.phases import SPAWN_ENV, host_facts, machine_line
 
 LINE = "vmm-bench-hello"
 SCHEMA = "vmm-bench-boot/1"
-ALL_CONTENDERS = ("vmm", "vmm-snapshot", "vmm-bzimage", "qemu-kvm", "qemu-tcg", "ctr-vmm", "ctr-runc",
-                  "runc", "unshare", "process")
+ALL_CONTENDERS = ("vmm", "vmm-snapshot", "vmm-bzimage", "vmm-net-user", "qemu-kvm", "qemu-tcg",
+                  "ctr-vmm", "ctr-runc", "runc", "runc-netns", "unshare", "process")
 EXIT_PORT = 0x501  # vmm/arch/x86_64/layout.EXIT_PORT; QEMU's isa-debug-exit sits there too
 
 #: Timeouts per contender (seconds). A VM boot here takes ~35-120 s (PVM: the guest
 #: kernel is emulated); the bzImage's decompressor adds to that; QEMU+KVM hangs on PVM.
 TIMEOUTS = {"vmm": 300.0, "vmm-snapshot": 60.0, "vmm-bzimage": 600.0, "qemu-kvm": 20.0, "qemu-tcg": 60.0,
-            "runc": 30.0, "unshare": 10.0, "process": 10.0, "ctr-vmm": 120.0, "ctr-runc": 30.0}
+            "runc": 30.0, "unshare": 10.0, "process": 10.0, "ctr-vmm": 120.0, "ctr-runc": 30.0,
+            "vmm-net-user": 300.0, "runc-netns": 30.0}
 
 
 @dataclass
@@ -217,6 +218,22 @@ class VmmBzImageContender(VmmContender):
         if artifacts is None or not artifacts.bzimage.is_file():
             return "no bzImage in the guest kernel cache"
         self.extra = ["--kernel", str(artifacts.bzimage)]
+        return None
+
+
+class VmmNetUserContender(VmmContender):
+    """`vmm run --net user`: a NIC on passt; boots cold (a run with --net always does)."""
+
+    name = "vmm-net-user"
+    label = "vmm --net user (passt), cold"
+
+    def prepare(self, workdir: Path) -> str | None:
+        reason = super().prepare(workdir)
+        if reason:
+            return reason
+        if not shutil.which("passt"):
+            return "passt not installed (apt-get install passt)"
+        self.extra = ["--net", "user"]
         return None
 
 
@@ -416,6 +433,46 @@ def build_runc_bundle(workdir: Path, runc: str) -> tuple[Path, Path]:
     return bundle, state
 
 
+class RuncNetnsContender(RuncContender):
+    """runc in a network namespace with a veth pair to the host, made for each run and timed
+    with it, as a CNI bridge plugin would (addresses on both ends, links up)."""
+
+    name = "runc-netns"
+    label = "runc + netns + veth (CNI-like)"
+    NETNS = "vmmbenchnet"
+
+    def prepare(self, workdir: Path) -> str | None:
+        reason = super().prepare(workdir)
+        if reason:
+            return reason
+        if not shutil.which("ip"):
+            return "ip not found (apt-get install iproute2)"
+        config_path = self.bundle / "config.json"
+        config = json.loads(config_path.read_text())
+        namespaces = [n for n in config["linux"]["namespaces"] if n["type"] != "network"]
+        namespaces.append({"type": "network", "path": f"/var/run/netns/{self.NETNS}"})
+        config["linux"]["namespaces"] = namespaces
+        netns_bundle = workdir / "bundle-netns"
+        shutil.copytree(self.bundle, netns_bundle, symlinks=True)
+        (netns_bundle / "config.json").write_text(json.dumps(config, indent=2))
+        self.bundle = netns_bundle
+        return None
+
+    def argv(self, run_dir: Path) -> list[str]:
+        runc = super().argv(run_dir)
+        n = self.NETNS
+        script = (f"ip netns add {n} && ip link add vbveth0 type veth peer name vbveth1 netns {n} "
+                  f"&& ip addr add 10.79.0.1/24 dev vbveth0 && ip link set vbveth0 up "
+                  f"&& ip -n {n} addr add 10.79.0.2/24 dev vbveth1 && ip -n {n} link set vbveth1 up "
+                  f"&& ip -n {n} link set lo up && exec {' '.join(runc)}")
+        return ["sh", "-c", script]
+
+    def after(self, run_dir: Path, measurement: Measurement) -> None:
+        super().after(run_dir, measurement)
+        subprocess.run(["ip", "link", "del", "vbveth0"], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.NETNS], capture_output=True)
+
+
 class UnshareContender(Contender):
     name = "unshare"
     label = "unshare -pfmuin (namespaces)"
@@ -445,6 +502,8 @@ class ProcessContender(Contender):
 
 CONTENDERS: dict[str, type[Contender]] = {
     "ctr-vmm": CtrVmmContender,
+    "vmm-net-user": VmmNetUserContender,
+    "runc-netns": RuncNetnsContender,
     "ctr-runc": CtrRuncContender,
     "vmm": VmmContender,
     "vmm-snapshot": VmmSnapshotContender,

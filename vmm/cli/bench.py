@@ -14,8 +14,8 @@ def bench() -> None:
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 1000),
               help="Runs of each contender (interleaved round-robin).")
 @click.option("--contenders", default="all", show_default=True, metavar="NAME,...",
-              help="Which to run: vmm, vmm-snapshot, vmm-bzimage, qemu-kvm, qemu-tcg, ctr-vmm, "
-              "ctr-runc, runc, unshare, process, or all.")
+              help="Which to run: vmm, vmm-snapshot, vmm-bzimage, vmm-net-user, qemu-kvm, qemu-tcg, "
+              "ctr-vmm, ctr-runc, runc, runc-netns, unshare, process, or all.")
 @click.option("--timeout", "timeouts", multiple=True, metavar="NAME=SECONDS",
               help="Override one contender's timeout (repeatable), e.g. vmm-bzimage=900.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the full report as JSON.")
