@@ -30,7 +30,44 @@ IFNAMSIZ = 16
 READ_SIZE = 65536
 
 
-class TapBackend:
+class _FrameReader:
+    """What both backends share: a thread of their own that takes frames one by one to
+    ``receive(frame, stopping)`` (the device, which may hold it), and errors counted by name."""
+
+    thread_name = "net"
+
+    def __init__(self) -> None:
+        self.errors: Counter[str] = Counter()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    def _count(self, error: OSError) -> None:
+        self.errors[errno.errorcode.get(error.errno, str(error.errno))] += 1
+
+    def _next_frame(self) -> bytes | None:
+        """The next frame from the host side; None when there will be no more."""
+        raise NotImplementedError
+
+    def start(self, receive: Callable[[bytes, Callable[[], bool]], None]) -> None:
+        self._thread = threading.Thread(target=self._read, args=(receive,), daemon=True,
+                                        name=self.thread_name)
+        self._thread.start()
+
+    def _read(self, receive) -> None:
+        stopping = lambda: self._stopping  # noqa: E731
+        while not self._stopping:
+            frame = self._next_frame()
+            if frame is None:
+                return
+            receive(frame, stopping)
+
+    def _stop_thread(self) -> None:
+        """After the subclass has woken its thread (a pipe, a socket shut down)."""
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+class TapBackend(_FrameReader):
     def __init__(self, name: str) -> None:
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
             raise DeviceError(f"--net tap={name}: not an interface name (1-15 characters)")
@@ -52,43 +89,32 @@ class TapBackend:
                 raise DeviceError(f"--net tap={name}: in use by another process") from None
             raise DeviceError(f"--net tap={name}: TUNSETIFF: {e.strerror}") from None
         self.name = answer[:IFNAMSIZ].rstrip(b"\0").decode()
-        self.errors: Counter[str] = Counter()
+        super().__init__()
+        self.thread_name = f"tap-{self.name}"
         self._stop_read, self._stop_write = os.pipe2(os.O_CLOEXEC)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
 
     def send(self, frame: bytes) -> None:
         try:
             os.write(self.fd, frame)
         except OSError as e:  # the host side is down (EIO): the frame is lost, as on a wire
-            self.errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
+            self._count(e)
 
-    def start(self, receive: Callable[[bytes, Callable[[], bool]], None]) -> None:
-        """Read frames in a thread of our own; ``receive(frame, stopping)`` takes each."""
-        self._thread = threading.Thread(target=self._read, args=(receive,), daemon=True,
-                                        name=f"tap-{self.name}")
-        self._thread.start()
-
-    def _read(self, receive) -> None:
-        stopping = lambda: self._stopping  # noqa: E731
-        while not self._stopping:
+    def _next_frame(self) -> bytes | None:
+        while True:
             ready, _, _ = select.select([self.fd, self._stop_read], [], [])
             if self._stop_read in ready:
-                return
+                return None
             try:
-                frame = os.read(self.fd, READ_SIZE)
+                return os.read(self.fd, READ_SIZE)
             except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EINTR):
-                    continue
-                self.errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
-                return
-            receive(frame, stopping)
+                if e.errno not in (errno.EAGAIN, errno.EINTR):
+                    self._count(e)
+                    return None
 
     def close(self) -> None:
         self._stopping = True
         os.write(self._stop_write, b"x")
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._stop_thread()
         for fd in (self.fd, self._stop_read, self._stop_write):
             try:
                 os.close(fd)
@@ -102,7 +128,7 @@ PASST_MTU = 65520  # passt's own default: the largest 802.3 frame, rounded to 32
 LENGTH = struct.Struct(">I")  # passt's qemu socket protocol: a frame, prefixed by its length
 
 
-class PasstBackend:
+class PasstBackend(_FrameReader):
     """User-mode networking, no privileges: passt, given one end of a socket pair.
 
     passt (Debian's ``passt``) runs as our child with ``--fd``: every frame on
@@ -113,6 +139,8 @@ class PasstBackend:
     bind 127.0.0.1:HOSTPORT on the host to the guest's GUESTPORT. With ``-1``
     passt exits when its end of the pair closes, so it never outlives vmm.
     """
+
+    thread_name = "passt"
 
     def __init__(self, mac: bytes, forwards: tuple[tuple[int, int], ...] = ()) -> None:
         """``mac``: the guest NIC's. Until passt has seen a frame from the guest it does not
@@ -138,9 +166,7 @@ class PasstBackend:
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=self._log)
         theirs.close()
-        self.errors: Counter[str] = Counter()
-        self._thread: threading.Thread | None = None
-        self._stopping = False
+        super().__init__()
         self._send_lock = threading.Lock()
         time.sleep(0.02)  # passt refuses bad options at once: say so now, not at the first frame
         if self.process.poll() is not None:
@@ -158,12 +184,7 @@ class PasstBackend:
             with self._send_lock:
                 self.socket.sendall(LENGTH.pack(len(frame)) + frame)
         except OSError as e:
-            self.errors[errno.errorcode.get(e.errno, str(e.errno))] += 1
-
-    def start(self, receive: Callable[[bytes, Callable[[], bool]], None]) -> None:
-        self._thread = threading.Thread(target=self._read, args=(receive,), daemon=True,
-                                        name="passt")
-        self._thread.start()
+            self._count(e)
 
     def _read_exactly(self, count: int) -> bytes | None:
         data = bytearray()
@@ -177,22 +198,18 @@ class PasstBackend:
             data += chunk
         return bytes(data)
 
-    def _read(self, receive) -> None:
-        stopping = lambda: self._stopping  # noqa: E731
-        while not self._stopping:
-            header = self._read_exactly(LENGTH.size)
-            if header is None:
-                return
-            length = LENGTH.unpack(header)[0]
-            if length > READ_SIZE:  # a peer that lost the framing: nothing after it makes sense
-                self.errors["bad_length"] += 1
-                return
-            frame = self._read_exactly(length)
-            if frame is None:
-                return
-            if frame[:6] == bytes(6):
-                frame = self.mac + frame[6:]
-            receive(frame, stopping)
+    def _next_frame(self) -> bytes | None:
+        header = self._read_exactly(LENGTH.size)
+        if header is None:
+            return None
+        length = LENGTH.unpack(header)[0]
+        if length > READ_SIZE:  # a peer that lost the framing: nothing after it makes sense
+            self.errors["bad_length"] += 1
+            return None
+        frame = self._read_exactly(length)
+        if frame is not None and frame[:6] == bytes(6):
+            frame = self.mac + frame[6:]
+        return frame
 
     def close(self) -> None:
         import socket
@@ -203,8 +220,7 @@ class PasstBackend:
         except OSError:
             pass
         self.socket.close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._stop_thread()
         try:
             self.process.wait(timeout=5)
         except Exception:

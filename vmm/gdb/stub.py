@@ -117,7 +117,6 @@ class GdbStub:
         self._lock = threading.Lock()
         self._accept_thread = threading.Thread(target=self._accept_more, daemon=True,
                                                name="gdb-accept")
-        self.steps = 0
 
     # --- wiring -------------------------------------------------------------------------
     def install(self) -> None:
@@ -463,8 +462,6 @@ class GdbStub:
                 control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP | self.block_irq
             vcpu.set_guest_debug(control, tuple(debugreg))
         self.stop = None
-        if step is not None:
-            self.steps += 1
         return True
 
     # --- memory ------------------------------------------------------------------------------

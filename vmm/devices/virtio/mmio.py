@@ -40,8 +40,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from vmm.config import NotifyPath
-from vmm.devices.virtio.queue import (ChainError, DescriptorChain, Queue, QueueError, QueueState,
-                                      RingError)
+from vmm.devices.virtio.queue import DescriptorChain, Queue, QueueError, QueueState, RingError
 from vmm.devices.virtio.service import QueueServer, TransportStats
 from vmm.memory import GuestMemory
 
@@ -372,19 +371,9 @@ class VirtioMmioTransport:
                 return False
             queue = self.queues[queue_index]
             try:
-                while True:
-                    try:
-                        chain = queue.pop()
-                    except ChainError as e:
-                        self.stats.chain_errors += 1
-                        self._error(f"malformed chain: {type(e).__name__}", str(e))
-                        queue.add_used(e.head, 0)
-                        continue
-                    if chain is None and queue.enable_notification():
-                        continue  # posted while we looked: take it
-                    break
-                if chain is None:
-                    return False
+                while (chain := self.server.next_chain(queue)) is None:
+                    if not queue.enable_notification():
+                        return False  # the driver kicks the queue when it posts one
                 queue.add_used(chain.head, fill(chain, self.memory))
                 if queue.needs_notification():
                     self._signal(INT_USED_RING)

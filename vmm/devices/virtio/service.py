@@ -66,6 +66,17 @@ class QueueServer:
         self.stats = stats
         self._error = error
 
+    def next_chain(self, queue: Queue):
+        """The next well-formed available chain, or None; malformed ones go back with
+        length 0 (counted). A broken ring raises :class:`RingError`."""
+        while True:
+            try:
+                return queue.pop()
+            except ChainError as e:
+                self.stats.chain_errors += 1
+                self._error(f"malformed chain: {type(e).__name__}", str(e))
+                queue.add_used(e.head, 0)
+
     def serve(self, queue_index: int, queue: Queue) -> bool:
         """Every available chain, done and returned; True when the driver wants an interrupt.
 
@@ -81,13 +92,7 @@ class QueueServer:
         while True:
             queue.disable_notification()
             while True:
-                try:
-                    chain = queue.pop()
-                except ChainError as e:
-                    self.stats.chain_errors += 1
-                    self._error(f"malformed chain: {type(e).__name__}", str(e))
-                    queue.add_used(e.head, 0)
-                    continue
+                chain = self.next_chain(queue)
                 if chain is None:
                     break
                 written = self.device.process_chain(queue_index, chain, self.memory)
