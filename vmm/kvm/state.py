@@ -202,6 +202,8 @@ def restore_vm(vm, state: VmState) -> None:
         # The saved value as it was: the guest's clocks stand still while it is
         # saved, as its TSC does (restored from MSR 0x10); /init sets the wall
         # clock from the host. No KVM_CLOCK_REALTIME/HOST_TSC: those would make
-        # KVM advance the clock by the time spent on disk.
+        # KVM advance the clock by the time spent on disk. (On PVM the TSC
+        # cannot be restored: the guest reads the host's; see
+        # vmm/arch/x86_64/pvm.py, PVM_CLOCK_OPTIONS.)
         clock.flags = 0
         vm.set_clock(clock)
