@@ -13,7 +13,8 @@ import threading
 import pytest
 
 from vmm.config import NetConfig
-from vmm.devices.virtio.net import (HEADER, MAX_FRAME, RX, TX, VirtioNet, default_mac,
+from vmm.devices.virtio.net import (HEADER, MAX_FRAME, MAX_GSO_FRAME, RX, TX, GsoType,
+                                    HeaderFlag, VirtioNet, complete_checksum, default_mac,
                                     parse_mac)
 from vmm.devices.virtio.queue import Buffer, DescriptorChain
 from vmm.errors import UsageError
@@ -23,11 +24,18 @@ FRAME = bytes(range(6)) * 2 + b"\x08\x00" + b"payload!" * 10  # dst, src, IPv4, 
 
 
 class Backend:
-    def __init__(self) -> None:
+    """Bare frames (as passt), or with ``vnet_header`` frames after a virtio_net_hdr (as TAP)."""
+
+    def __init__(self, vnet_header: bool = False) -> None:
+        self.vnet_header = vnet_header
         self.sent: list[bytes] = []
+        self.offloads: list[tuple[bool, bool, bool]] = []
 
     def send(self, frame: bytes) -> None:
         self.sent.append(frame)
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool) -> None:
+        self.offloads.append((csum, tso4, tso6))
 
 
 class Transport:
@@ -59,12 +67,36 @@ def tx_chain(memory, data: bytes, *, split: int = HEADER.size) -> DescriptorChai
     return DescriptorChain(0, [Buffer(0x1000, first, False), Buffer(0x1000 + first, len(data) - first, False)])
 
 
+def bit(n: int) -> int:
+    return 1 << n
+
+
 def test_offers_and_config():
     device = VirtioNet(Backend(), default_mac(0))
     assert device.read_config(0, 6) == bytes.fromhex("525400123456")
     assert device.read_config(6, 2) == b"\x01\x00"  # link up
-    assert device.features >> 5 & 1 and device.features >> 16 & 1 and device.features >> 32 & 1
-    assert not device.features & (1 << 15 | 1 << 0)  # no MRG_RXBUF, no CSUM: none offered
+    assert device.features & (bit(5) | bit(16) | bit(32)) == bit(5) | bit(16) | bit(32)
+    assert device.features & (bit(0) | bit(1)) == bit(0) | bit(1)  # CSUM, GUEST_CSUM
+    assert not device.features & (bit(7) | bit(8) | bit(11) | bit(12) | bit(15))  # no TSO, MRG
+    assert device.queue_max_sizes == (256, 256)
+
+
+def test_a_vnet_header_backend_is_offered_segmentation_and_big_receive_buffers():
+    device = VirtioNet(Backend(vnet_header=True), default_mac(0))
+    tso = bit(7) | bit(8) | bit(11) | bit(12)
+    assert device.features & tso == tso
+    assert device.queue_max_sizes == (32, 256)  # the driver posts 64 KiB buffers: fewer
+    plain = VirtioNet(Backend(vnet_header=True), default_mac(0), offload=False)
+    assert not plain.features & (tso | bit(0) | bit(1)) and plain.queue_max_sizes == (256, 256)
+
+
+def test_the_backend_is_told_what_the_driver_took_and_untold_at_reset():
+    backend = Backend(vnet_header=True)
+    device = VirtioNet(backend, default_mac(0))
+    device.transport = Transport(None, [])
+    device.activate(bit(32) | bit(1) | bit(7))  # GUEST_CSUM and GUEST_TSO4, not TSO6
+    device.reset()
+    assert backend.offloads == [(True, True, False), (False, False, False)]
 
 
 def test_a_transmitted_frame_reaches_the_backend_without_its_header(memory):
@@ -74,18 +106,113 @@ def test_a_transmitted_frame_reaches_the_backend_without_its_header(memory):
     assert backend.sent == [FRAME] and device.frames_sent == 1
 
 
-@pytest.mark.parametrize("data, reason", [
-    (bytes(5), "tx_too_short"),  # shorter than the header
-    (bytes(HEADER.size) + b"\x01" * 10, "tx_too_short"),  # no Ethernet header
-    (bytes(HEADER.size) + b"x" * (MAX_FRAME + 1), "tx_too_long"),
-    (b"\x01" + bytes(HEADER.size - 1) + FRAME, "tx_offload_not_offered"),  # NEEDS_CSUM
-    (b"\x00\x01" + bytes(HEADER.size - 2) + FRAME, "tx_offload_not_offered"),  # GSO TCPv4
-])
-def test_bad_transmit_frames_are_dropped_and_counted(memory, data, reason):
+def sum16(data: bytes) -> int:
+    """The Internet checksum's sum, word by word with end-around carry (RFC 1071)."""
+    data += b"\0" * (len(data) % 2)
+    total = 0
+    for i in range(0, len(data), 2):
+        total += data[i] << 8 | data[i + 1]
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def tcp_frame(payload: bytes) -> tuple[bytes, int, int]:
+    """An IPv4/TCP frame as Linux hands it over with NEEDS_CSUM: the pseudo-header's sum in the
+    TCP checksum field. (frame, csum_start, csum_offset)."""
+    import struct
+
+    src, dst = bytes([10, 0, 2, 15]), bytes([10, 0, 2, 2])
+    tcp = struct.pack(">HHIIBBHHH", 40000, 80, 1, 0, 5 << 4, 0x18, 65535, 0, 0) + payload
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0, 64, 6, 0, src, dst)
+    pseudo = sum16(src + dst + struct.pack(">HH", 6, len(tcp)))
+    tcp = tcp[:16] + pseudo.to_bytes(2, "big") + tcp[18:]
+    return FRAME[:12] + b"\x08\x00" + ip + tcp, 14 + 20, 16
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", b"hello, world", bytes(range(256)) * 200,
+                                     b"\xff" * 999])
+def test_a_completed_checksum_verifies(payload):
+    frame, start, offset = tcp_frame(payload)
+    done = complete_checksum(frame, start, offset)
+    assert done[:start + offset] == frame[:start + offset]
+    assert done[start + offset + 2:] == frame[start + offset + 2:]
+    src_dst = done[14 + 12:14 + 20]
+    segment = done[start:]
+    import struct
+
+    # What the receiver checks: pseudo-header + segment (checksum included) sums to 0xFFFF.
+    assert sum16(src_dst + struct.pack(">HH", 6, len(segment)) + segment) == 0xFFFF
+
+
+def test_the_checksum_matches_the_word_by_word_sum_on_random_data():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(min_size=2, max_size=3000), st.integers(0, 10**9))
+    def check(data, seed):
+        offset = seed % (len(data) - 1)
+        field_cleared = data[:offset] + b"\0\0" + data[offset + 2:]
+        done = complete_checksum(field_cleared, 0, offset)
+        expected = (~sum16(field_cleared) & 0xFFFF) or 0xFFFF
+        assert int.from_bytes(done[offset:offset + 2], "big") == expected
+
+    check()
+
+
+def header(flags=0, gso=GsoType.NONE, gso_size=0, start=0, offset=0) -> bytes:
+    return HEADER.pack(flags, gso, 0, gso_size, start, offset, 0)
+
+
+def test_a_needs_csum_frame_is_completed_for_a_bare_frame_backend(memory):
     backend = Backend()
     device = VirtioNet(backend, default_mac(0))
+    device.activate(device.features)
+    frame, start, offset = tcp_frame(b"data" * 100)
+    chain = tx_chain(memory, header(HeaderFlag.NEEDS_CSUM, start=start, offset=offset) + frame)
+    assert device.process_chain(TX, chain, memory) == 0
+    assert backend.sent == [complete_checksum(frame, start, offset)]
+    assert device.checksums_completed == 1
+
+
+def test_a_vnet_header_backend_gets_the_header_as_it_is(memory):
+    backend = Backend(vnet_header=True)
+    device = VirtioNet(backend, default_mac(0))
+    device.activate(device.features)
+    segment = FRAME[:14] + bytes(60000)
+    data = header(HeaderFlag.NEEDS_CSUM, GsoType.TCPV4, 1448, 34, 16) + segment
     assert device.process_chain(TX, tx_chain(memory, data), memory) == 0
-    assert backend.sent == [] and device.dropped[reason] == 1
+    assert backend.sent == [data] and device.segmented_sent == 1
+
+
+@pytest.mark.parametrize("vnet, negotiate, data, reason", [
+    (False, True, bytes(5), "tx_too_short"),  # shorter than the header
+    (False, True, bytes(HEADER.size) + b"\x01" * 10, "tx_too_short"),  # no Ethernet header
+    (False, True, bytes(HEADER.size) + b"x" * (MAX_FRAME + 1), "tx_too_long"),
+    (True, True, bytes(HEADER.size) + b"x" * (MAX_FRAME + 1), "tx_too_long"),  # no GSO: MTU
+    (True, True, header(1, GsoType.TCPV4, 1448) + b"x" * (MAX_GSO_FRAME + 1), "tx_too_long"),
+    (False, False, header(HeaderFlag.NEEDS_CSUM) + FRAME, "tx_offload_not_negotiated"),
+    (False, True, header(HeaderFlag.NEEDS_CSUM, start=80, offset=16) + FRAME,
+     "tx_bad_checksum_position"),
+    (False, True, header(HeaderFlag.NEEDS_CSUM, start=0xFFFF, offset=0xFFFF) + FRAME,
+     "tx_bad_checksum_position"),
+    (False, True, header(HeaderFlag.DATA_VALID) + FRAME, "tx_bad_flags"),
+    (False, True, header(0x80) + FRAME, "tx_bad_flags"),
+    (False, True, header(1, GsoType.TCPV4, 1448) + FRAME, "tx_offload_not_negotiated"),
+    (True, False, header(1, GsoType.TCPV4, 1448) + FRAME, "tx_offload_not_negotiated"),
+    (True, True, header(1, GsoType.UDP, 1448) + FRAME, "tx_offload_not_negotiated"),
+    (True, True, header(1, GsoType.TCPV4 | 0x80, 1448) + FRAME, "tx_offload_not_negotiated"),
+    (True, True, header(1, 9, 1448) + FRAME, "tx_offload_not_negotiated"),
+    (True, True, header(0, GsoType.TCPV4, 1448) + FRAME, "tx_bad_segmentation"),
+    (True, True, header(1, GsoType.TCPV6, 0) + FRAME, "tx_bad_segmentation"),
+])
+def test_bad_transmit_frames_are_dropped_and_counted(memory, vnet, negotiate, data, reason):
+    backend = Backend(vnet_header=vnet)
+    device = VirtioNet(backend, default_mac(0))
+    if negotiate:
+        device.activate(device.features)
+    assert device.process_chain(TX, tx_chain(memory, data), memory) == 0
+    assert backend.sent == [] and device.dropped == {reason: 1}
 
 
 def test_a_transmit_chain_with_a_writable_buffer_is_dropped(memory):
@@ -102,8 +229,56 @@ def test_a_received_frame_fills_a_posted_buffer_with_header_and_frame(memory):
     device.receive(FRAME)
     assert device.transport.used == [(3, HEADER.size + len(FRAME))]
     written = memory.read(0x4000, 10) + memory.read(0x5000, HEADER.size + len(FRAME) - 10)
-    assert HEADER.unpack(written[:HEADER.size])[-1] == 1  # num_buffers
+    assert HEADER.unpack(written[:HEADER.size]) == (0, 0, 0, 0, 0, 0, 1)  # num_buffers 1
     assert written[HEADER.size:] == FRAME
+
+
+def received_header(device, memory, frame: bytes) -> tuple:
+    device.transport = Transport(memory, [DescriptorChain(1, [Buffer(0x4000, 70000, True)])])
+    device.receive(frame)
+    assert device.transport.used, device.dropped
+    return HEADER.unpack(memory.read(0x4000, HEADER.size))
+
+
+def test_a_bare_frame_is_data_valid_when_the_driver_takes_that(memory):
+    device = VirtioNet(Backend(), default_mac(0))
+    assert received_header(device, memory, FRAME)[0] == 0  # GUEST_CSUM not negotiated
+    device.activate(device.features)
+    assert received_header(device, memory, FRAME)[0] == HeaderFlag.DATA_VALID
+
+
+def test_a_vnet_header_backends_header_reaches_the_driver(memory):
+    device = VirtioNet(Backend(vnet_header=True), default_mac(0))
+    device.activate(device.features)
+    segment = FRAME[:14] + bytes(50000)
+    sent = HEADER.pack(HeaderFlag.NEEDS_CSUM, GsoType.TCPV4, 66, 1448, 34, 16, 0)
+    assert received_header(device, memory, sent + segment) == (1, 1, 66, 1448, 34, 16, 1)
+    assert memory.read(0x4000 + HEADER.size, len(segment)) == segment
+    assert device.segmented_received == 1
+
+
+@pytest.mark.parametrize("features, data, reason", [
+    (-1, b"short", "rx_bad_length"),  # not even a header
+    (-1, header() + b"short", "rx_bad_length"),
+    (-1, header() + FRAME[:14] + bytes(MAX_FRAME), "rx_bad_length"),  # no GSO: the MTU's limit
+    (-1, header(1, GsoType.TCPV4, 1448) + FRAME[:14] + bytes(MAX_GSO_FRAME), "rx_bad_length"),
+    (0, header(HeaderFlag.NEEDS_CSUM) + FRAME, "rx_offload_not_negotiated"),
+    (bit(1), header(1, GsoType.TCPV4, 1448) + FRAME, "rx_offload_not_negotiated"),
+    (-1, header(1, GsoType.UDP, 1448) + FRAME, "rx_offload_not_negotiated"),
+    (-1, header(0x10) + FRAME, "rx_offload_not_negotiated"),
+])
+def test_a_vnet_header_backends_bad_frames_are_dropped(memory, features, data, reason):
+    device = VirtioNet(Backend(vnet_header=True), default_mac(0))
+    device.activate(device.features if features == -1 else features)
+    device.transport = Transport(memory, [DescriptorChain(1, [Buffer(0x4000, 70000, True)])])
+    device.receive(data)
+    assert device.transport.used == [] and device.dropped == {reason: 1}
+
+
+def test_data_valid_from_the_backend_is_cleared_when_the_driver_did_not_take_it(memory):
+    device = VirtioNet(Backend(vnet_header=True), default_mac(0))
+    device.activate(0)
+    assert received_header(device, memory, header(HeaderFlag.DATA_VALID) + FRAME)[0] == 0
 
 
 def test_receive_waits_for_a_buffer_then_delivers_when_one_is_posted(memory):
@@ -140,6 +315,9 @@ def test_bad_received_frames_and_small_buffers_are_dropped(memory):
     ("tap=vt,ip=10.0.0.2/24,gw=10.0.0.1,mac=52:54:00:00:00:09",
      NetConfig("tap", "vt", "10.0.0.2/24", "10.0.0.1", "52:54:00:00:00:09")),
     ("user", NetConfig("user", "", "10.0.2.15/24", "10.0.2.2")),
+    ("tap", NetConfig("tap", "")),
+    ("tap,ip=10.0.0.2/24,offload=off", NetConfig("tap", "", "10.0.0.2/24", offload=False)),
+    ("user,offload=off", NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", offload=False)),
     ("user,hostfwd=tcp:8080:80,hostfwd=tcp:2222:22",
      NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", None, ((8080, 80), (2222, 22)))),
 ])
@@ -151,8 +329,10 @@ def test_net_option(text, parsed):
     ("slirp", "expected none, user"),
     ("user,hostfwd=udp:53:53", "hostfwd=tcp:HOSTPORT:GUESTPORT"),
     ("user,hostfwd=tcp:0:80", "hostfwd=tcp:HOSTPORT:GUESTPORT"),
-    ("user,ip=10.0.0.2/24", "unknown option 'ip' (hostfwd, mac)"),
+    ("user,ip=10.0.0.2/24", "unknown option 'ip' (hostfwd, mac, offload)"),
     ("tap=", "name the TAP interface"),
+    ("tap,offload=no", "offload=no: on or off"),
+    ("user,offload=", "offload=: on or off"),
     ("tap=t,ip=10.0.0.2", "ADDR/PREFIX"),
     ("tap=t,ip=10.0.0.300/24", "10.0.0.300"),
     ("tap=t,gw=10.0.0.1", "gw= without ip="),

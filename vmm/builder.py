@@ -365,7 +365,9 @@ def linux_cmdline(config: VmConfig, machine: Machine, devices: LinuxDevices, lim
     if not config.console_log:
         cmdline.add(*QUIET_CMDLINE)
     cmdline.add(*devices.cmdline)
-    cmdline.add(*pvm.cmdline_options(machine.flavour, our_kernel=config.kernel is None))
+    segmentation = any(net.offload and net.backend == "tap" for net in config.nets)
+    cmdline.add(*pvm.cmdline_options(machine.flavour, our_kernel=config.kernel is None,
+                                     segmentation_offload=segmentation))
     cmdline.add(config.cmdline)
     if mailbox:
         cmdline.add("vmm.mailbox")  # /init waits at its ready point for the command

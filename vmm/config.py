@@ -90,8 +90,8 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
-    """One NIC: ``--net tap=NAME[,ip=ADDR/PREFIX][,gw=ADDR][,mac=MAC]`` or
-    ``--net user[,hostfwd=tcp:HOSTPORT:GUESTPORT]...[,mac=MAC]``."""
+    """One NIC: ``--net tap[=NAME][,ip=ADDR/PREFIX][,gw=ADDR][,mac=MAC][,offload=off]`` or
+    ``--net user[,hostfwd=tcp:HOSTPORT:GUESTPORT]...[,mac=MAC][,offload=off]``."""
 
     backend: str  # "tap" or "user" (passt)
     name: str = ""  # the TAP interface
@@ -99,27 +99,30 @@ class NetConfig:
     gateway: str | None = None
     mac: str | None = None  # default: 52:54:00:12:34:56 + the NIC's index
     forwards: tuple[tuple[int, int], ...] = ()  # user: (host port on 127.0.0.1, guest port)
+    offload: bool = True  # offer checksum (and with TAP, segmentation) offloads to the driver
 
     @staticmethod
     def parse(text: str) -> "NetConfig | None":
-        """``none`` (no NIC) or ``tap=NAME[,ip=ADDR/PREFIX][,gw=ADDR][,mac=MAC]``."""
+        """``none`` (no NIC), ``user[,...]`` or ``tap[=NAME][,...]`` (class docstring)."""
         import ipaddress
 
         if text == "none":
             return None
         kind, _, rest = text.partition(",")
-        backend, _, name = kind.partition("=")
-        if backend == "user" and not name:
+        backend, equals, name = kind.partition("=")
+        if backend == "user" and not equals:
             return NetConfig._parse_user(text, rest)
         if backend != "tap":
             raise UsageError(f"--net {text!r}: expected none, user[,hostfwd=tcp:HOSTPORT:GUESTPORT] "
-                             "or tap=NAME[,ip=ADDR/PREFIX,gw=ADDR]")
-        if not name:
-            raise UsageError(f"--net {text!r}: tap=NAME: name the TAP interface")
+                             "or tap[=NAME][,ip=ADDR/PREFIX,gw=ADDR]")
+        if equals and not name:
+            raise UsageError(f"--net {text!r}: tap=NAME: name the TAP interface (or give "
+                             "tap alone: the kernel names it vmmtapN)")
         options = dict(option.partition("=")[::2] for option in rest.split(",") if option)
-        unknown = set(options) - {"ip", "gw", "mac"}
+        unknown = set(options) - {"ip", "gw", "mac", "offload"}
         if unknown:
-            raise UsageError(f"--net {text!r}: unknown option {sorted(unknown)[0]!r} (ip, gw, mac)")
+            raise UsageError(f"--net {text!r}: unknown option {sorted(unknown)[0]!r} "
+                             "(ip, gw, mac, offload)")
         try:
             if "ip" in options:
                 if "/" not in options["ip"]:
@@ -131,18 +134,26 @@ class NetConfig:
                 from vmm.devices.virtio.net import parse_mac
 
                 parse_mac(options["mac"])
+            offload = NetConfig._parse_offload(options.get("offload", "on"))
         except ValueError as e:
             raise UsageError(f"--net {text!r}: {e}") from None
         if "gw" in options and "ip" not in options:
             raise UsageError(f"--net {text!r}: gw= without ip=")
-        return NetConfig("tap", name, options.get("ip"), options.get("gw"), options.get("mac"))
+        return NetConfig("tap", name, options.get("ip"), options.get("gw"), options.get("mac"),
+                         offload=offload)
+
+    @staticmethod
+    def _parse_offload(value: str) -> bool:
+        if value not in ("on", "off"):
+            raise ValueError(f"offload={value}: on or off")
+        return value == "on"
 
     @staticmethod
     def _parse_user(text: str, rest: str) -> "NetConfig":
         """user: passt's fixed addresses (10.0.2.15/24, gateway 10.0.2.2), port forwards, mac."""
         from vmm.devices.netbackend import GATEWAY, GUEST_ADDRESS, PREFIX
 
-        forwards, mac = [], None
+        forwards, mac, offload = [], None, True
         for option in (o for o in rest.split(",") if o):
             key, _, value = option.partition("=")
             if key == "hostfwd":
@@ -156,17 +167,21 @@ class NetConfig:
                 except ValueError:
                     raise UsageError(f"--net {text!r}: hostfwd=tcp:HOSTPORT:GUESTPORT") from None
                 forwards.append((host, guest))
-            elif key == "mac":
+            elif key in ("mac", "offload"):
                 from vmm.devices.virtio.net import parse_mac
 
                 try:
-                    parse_mac(value)
+                    if key == "mac":
+                        parse_mac(value)
+                        mac = value
+                    else:
+                        offload = NetConfig._parse_offload(value)
                 except ValueError as e:
                     raise UsageError(f"--net {text!r}: {e}") from None
-                mac = value
             else:
-                raise UsageError(f"--net {text!r}: unknown option {key!r} (hostfwd, mac)")
-        return NetConfig("user", "", f"{GUEST_ADDRESS}/{PREFIX}", GATEWAY, mac, tuple(forwards))
+                raise UsageError(f"--net {text!r}: unknown option {key!r} (hostfwd, mac, offload)")
+        return NetConfig("user", "", f"{GUEST_ADDRESS}/{PREFIX}", GATEWAY, mac, tuple(forwards),
+                         offload)
 
     def kernel_ip_option(self, index: int) -> str | None:
         """The kernel's ip= for this NIC (CONFIG_IP_PNP: eth<index> configured at boot)."""

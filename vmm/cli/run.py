@@ -23,10 +23,12 @@ MACHINE_OPTIONS = [
     click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
                  help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order)."),
     click.option("--net", "nets", multiple=True,
-                 metavar="none|user[,hostfwd=tcp:H:G]|tap=NAME[,ip=A/P][,gw=A][,mac=M]",
+                 metavar="none|user[,hostfwd=tcp:H:G]|tap[=NAME][,ip=A/P][,gw=A][,mac=M]",
                  help="A virtio-net NIC (repeatable; eth0, eth1...): user-mode networking through "
                       "passt (10.0.2.15, gateway 10.0.2.2 = the host's loopback), or a TAP device "
-                      "(ip=/gw= configure the guest). A run with --net boots cold."),
+                      "(ip=/gw= configure the guest; no NAME: the kernel names it vmmtapN); "
+                      "offload=off: no checksum or segmentation offloads. A run with --net "
+                      "boots cold."),
     click.option("--root", metavar="DEV",
                  help="Run the command inside this disk's file system (e.g. /dev/vda)."),
     click.option("--virtio-notify", default="ioeventfd", show_default=True,

@@ -1,8 +1,11 @@
 """Where a virtio-net device's frames go: a TAP device on the host, or passt.
 
 ``TapBackend`` opens ``/dev/net/tun`` and attaches to (or creates) the TAP
-interface NAME (``IFF_TAP | IFF_NO_PI``: whole Ethernet frames, no packet
-information prefix). Frames the guest sends are written to it; a thread reads
+interface NAME (``IFF_TAP | IFF_NO_PI | IFF_VNET_HDR``: whole Ethernet frames,
+no packet information prefix, each after the same 12-byte virtio_net_hdr_v1
+the guest's driver uses, so checksum and segmentation offloads pass through
+to the host kernel untouched; ``TUNSETOFFLOAD`` tells the kernel which ones the
+guest's driver takes, and it sums and segments the rest itself). Frames the guest sends are written to it; a thread reads
 the frames the host sends and hands each to the device, which holds the
 thread while the guest has no receive buffer posted (the kernel's TAP queue
 keeps the rest meanwhile). Creating a TAP device needs CAP_NET_ADMIN; attaching
@@ -24,10 +27,16 @@ from typing import Callable
 from vmm.errors import DeviceError
 
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUNSETVNETHDRSZ = 0x400454D8  # _IOW('T', 216, int)
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
+VNET_HEADER_SIZE = 12  # virtio_net_hdr_v1 (with num_buffers), as virtio 1.x drivers lay it
 IFNAMSIZ = 16
-READ_SIZE = 65536
+DEFAULT_TAP_NAME = "vmmtap%d"  # the kernel replaces %d with the first free number
+READ_SIZE = VNET_HEADER_SIZE + 65535 + 14 + 4  # a header and a 64 KiB segment (GSO), with VLAN
 
 
 class _FrameReader:
@@ -35,6 +44,7 @@ class _FrameReader:
     ``receive(frame, stopping)`` (the device, which may hold it), and errors counted by name."""
 
     thread_name = "net"
+    vnet_header = False  # frames only, no virtio_net_hdr (vmm/devices/virtio/net.py)
 
     def __init__(self) -> None:
         self.errors: Counter[str] = Counter()
@@ -68,7 +78,9 @@ class _FrameReader:
 
 
 class TapBackend(_FrameReader):
-    def __init__(self, name: str) -> None:
+    vnet_header = True
+
+    def __init__(self, name: str = DEFAULT_TAP_NAME) -> None:
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
             raise DeviceError(f"--net tap={name}: not an interface name (1-15 characters)")
         try:
@@ -77,8 +89,10 @@ class TapBackend(_FrameReader):
             raise DeviceError(f"/dev/net/tun: {e.strerror}: the host needs the tun module "
                               "for --net tap") from None
         try:
-            request = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(), IFF_TAP | IFF_NO_PI)
+            request = struct.pack(f"{IFNAMSIZ}sH22x", name.encode(),
+                                  IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
             answer = fcntl.ioctl(self.fd, TUNSETIFF, request)
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HEADER_SIZE))
         except OSError as e:
             os.close(self.fd)
             if e.errno == errno.EPERM:
@@ -92,6 +106,16 @@ class TapBackend(_FrameReader):
         super().__init__()
         self.thread_name = f"tap-{self.name}"
         self._stop_read, self._stop_write = os.pipe2(os.O_CLOEXEC)
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool) -> None:
+        """What the guest's driver takes: the kernel sums and segments the rest for it."""
+        flags = 0
+        if csum:  # segments come partly summed: no TSO without CSUM
+            flags = TUN_F_CSUM | (TUN_F_TSO4 if tso4 else 0) | (TUN_F_TSO6 if tso6 else 0)
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+        except OSError as e:
+            self._count(e)
 
     def send(self, frame: bytes) -> None:
         try:
@@ -156,13 +180,15 @@ class PasstBackend(_FrameReader):
         if passt is None:
             raise DeviceError("--net user needs passt: apt-get install passt")
         self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        ports = ",".join(f"127.0.0.1/{host}:{guest}" for host, guest in forwards) or "none"
+        # One option per forward: an address in a spec applies to all of its ports.
+        tcp = [arg for host, guest in forwards
+               for arg in ("--tcp-ports", f"127.0.0.1/{host}:{guest}")] or ["--tcp-ports", "none"]
         self._log = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             [passt, "--foreground", "--quiet", "--one-off", "--ipv4-only",
              "--fd", str(theirs.fileno()), "--address", GUEST_ADDRESS, "--netmask", str(PREFIX),
              "--gateway", GATEWAY, "--no-dhcp-dns", "--no-dhcp-search",
-             "--tcp-ports", ports, "--udp-ports", "none"],
+             *tcp, "--udp-ports", "none"],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=self._log)
         theirs.close()
@@ -170,8 +196,9 @@ class PasstBackend(_FrameReader):
         self._send_lock = threading.Lock()
         time.sleep(0.02)  # passt refuses bad options at once: say so now, not at the first frame
         if self.process.poll() is not None:
+            message = self._messages()
             self.close()
-            raise DeviceError(f"--net user: passt exited: {self._messages()}")
+            raise DeviceError(f"--net user: passt exited: {message}")
 
     def _messages(self) -> str:
         self._log.seek(0)

@@ -80,7 +80,7 @@ def attach_net_devices(
     Returns the command-line fragments: each device's, and the kernel's ``ip=``
     for the first NIC given an address.
     """
-    from vmm.devices.netbackend import PASST_MTU, PasstBackend, TapBackend
+    from vmm.devices.netbackend import DEFAULT_TAP_NAME, PASST_MTU, PasstBackend, TapBackend
     from vmm.devices.virtio.net import VirtioNet, default_mac, parse_mac
 
     if first_slot + len(nets) > VIRTIO_MMIO_MAX_DEVICES:
@@ -91,11 +91,17 @@ def attach_net_devices(
     fragments, ip_given = [], False
     for i, net in enumerate(nets):
         mac = parse_mac(net.mac) if net.mac else default_mac(i)
-        backend = TapBackend(net.name) if net.backend == "tap" else PasstBackend(mac, net.forwards)
+        if net.backend == "tap":
+            backend = TapBackend(net.name or DEFAULT_TAP_NAME)
+            if not net.name and trace is not None:
+                trace(f"virtio-net{i}: TAP device {backend.name}")
+        else:
+            backend = PasstBackend(mac, net.forwards)
         machine.closers.append(backend.close)  # closers run in reverse: after the I/O thread
         # passt takes frames of up to 65,520 bytes of payload: so does the guest (fewer,
         # bigger packets through its emulated stack); a TAP device keeps Ethernet's 1,500.
-        device = VirtioNet(backend, mac, mtu=PASST_MTU if net.backend == "user" else 1500)
+        device = VirtioNet(backend, mac, mtu=PASST_MTU if net.backend == "user" else 1500,
+                           offload=net.offload)
         fragment, device.transport = _attach_transport(machine, device, first_slot + i,
                                                        f"virtio-net{i}", notify,
                                                        irq_line_factory, trace)

@@ -311,6 +311,7 @@ class VirtioMmioTransport:
             "bytes_written": getattr(device, "bytes_written", 0),
             **self.stats.as_dict(),
             "io_thread_wakeups": getattr(self.io_thread, "wakeups", 0),
+            **(device.counters() if hasattr(device, "counters") else {}),
         }
 
     def restart_timing(self) -> None:

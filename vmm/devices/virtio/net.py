@@ -8,12 +8,21 @@ header length, GSO size, checksum start and offset, number of buffers)::
     transmit chain, readable:  [ virtio_net_hdr_v1 ][ Ethernet frame ]
     receive chain, writable:   [ virtio_net_hdr_v1 ][ Ethernet frame ]
 
-This first device offers no offloads (no CSUM, no GSO, no MRG_RXBUF): the
-driver checksums in software and posts buffers of a whole frame each, so every
-header it sends must be all zeros but for its length, and every header we
-write is zeros with ``num_buffers`` = 1. Offered: VERSION_1, MAC, STATUS (the
-link is up), EVENT_IDX, INDIRECT_DESC, and MTU when it is not Ethernet's 1,500
-(passt's 65,520: the driver then posts receive chains of a whole 64 KiB frame).
+Offloads (``offload=True``, the default). The driver may leave a transmitted
+frame's TCP/UDP checksum to the device (VIRTIO_NET_F_CSUM: NEEDS_CSUM with
+where the sum starts and where it goes) and may be told that a received frame's
+checksum needs no checking (GUEST_CSUM: DATA_VALID). On PVM both spare the
+guest a loop over every byte in the instruction emulator. A backend that
+speaks virtio's own header (a TAP device with IFF_VNET_HDR) takes the header as
+it is and the host kernel does the work, so segmentation is offered too: the
+guest sends TCP segments of up to 64 KiB (HOST_TSO4/6) and receives them
+(GUEST_TSO4/6: the driver then posts receive buffers of 64 KiB, "big
+packets", so the receive queue offers 32 entries, as with a big MTU). A backend
+of bare frames (passt) gets each NEEDS_CSUM frame with its checksum completed
+here, and no segmentation is offered (its 65,520-byte MTU makes segments that
+big anyway). Also offered: VERSION_1, MAC, STATUS (the link is up), EVENT_IDX,
+INDIRECT_DESC, and MTU when it is not Ethernet's 1,500. Not offered:
+MRG_RXBUF (big buffers instead; measured in docs/networking.md), ECN, UFO.
 
 Transmit is a queue notification like a disk request: the transport's
 QueueServer hands each chain to :meth:`VirtioNet.process_chain`. Receive is the
@@ -24,12 +33,15 @@ the TAP queue or the socket), until the driver posts more and notifies the
 receive queue (:meth:`buffers_posted`).
 
 Everything from the guest is hostile: a chain too short for the header, a
-frame longer than MAX_FRAME or shorter than an Ethernet header, a receive chain
-too small for the frame: dropped, counted by reason, never an exception.
+frame longer than its maximum or shorter than an Ethernet header, a header that
+asks for an offload not negotiated or whose checksum position is outside the
+frame, a receive chain too small for the frame: dropped, counted by reason,
+never an exception.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 import threading
 from collections import Counter
@@ -43,23 +55,54 @@ from vmm.memory import GuestMemory
 VIRTIO_ID_NET = 1
 RX, TX = 0, 1
 
+VIRTIO_NET_F_CSUM = 0  # the device completes checksums (transmit)
+VIRTIO_NET_F_GUEST_CSUM = 1  # the driver takes frames whose checksum is known good (receive)
 VIRTIO_NET_F_MTU = 3
 VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_GUEST_TSO4 = 7  # the driver takes TCP segments of up to 64 KiB (receive)
+VIRTIO_NET_F_GUEST_TSO6 = 8
+VIRTIO_NET_F_HOST_TSO4 = 11  # the device takes them (transmit)
+VIRTIO_NET_F_HOST_TSO6 = 12
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_S_LINK_UP = 1
+
+
+class HeaderFlag(enum.IntFlag):
+    NEEDS_CSUM = 1  # checksum from csum_start to the end, stored at csum_start + csum_offset
+    DATA_VALID = 2  # receive only: the checksum was checked
+
+
+class GsoType(enum.IntEnum):
+    NONE = 0
+    TCPV4 = 1
+    UDP = 3
+    TCPV6 = 4
+
+
+GSO_ECN = 0x80  # a bit of gso_type (VIRTIO_NET_F_HOST_ECN, not offered)
 
 HEADER = struct.Struct("<BBHHHHH")  # virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size,
 #                                     csum_start, csum_offset, num_buffers
 ETHERNET_HEADER = 14
 DEFAULT_MTU = 1500
 MAX_FRAME = DEFAULT_MTU + ETHERNET_HEADER + 4  # with a VLAN tag: the default MTU's largest frame
+MAX_GSO_FRAME = 65535 + ETHERNET_HEADER + 4  # a segmented frame: an IP packet of up to 64 KiB
 QUEUE_SIZE = 256
 BIG_RX_QUEUE_SIZE = 32  # receive buffers of a whole 64 KiB frame each (a big MTU); each is a
 #   chain of 19 descriptors (17 pages, header, first page), and a chain must fit the queue
 
 
 class FrameBackend(Protocol):
-    """Where frames go and come from (vmm/devices/netbackend.py)."""
+    """Where frames go and come from (vmm/devices/netbackend.py).
+
+    ``vnet_header``: the backend's frames, both ways, start with a
+    virtio_net_hdr_v1 (a TAP device with IFF_VNET_HDR), and it is told which
+    offloads the driver takes (``set_offloads``) so that it sends only those.
+    """
+
+    vnet_header: bool
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool) -> None: ...
 
     def send(self, frame: bytes) -> None: ...
 
@@ -71,6 +114,26 @@ class FrameBackend(Protocol):
 def default_mac(index: int) -> bytes:
     """A stable, locally administered unicast MAC for NIC ``index``: 52:54:00:12:34:5N."""
     return bytes((0x52, 0x54, 0x00, 0x12, 0x34, 0x56 + index))
+
+
+def complete_checksum(frame: bytes, start: int, offset: int) -> bytes:
+    """The frame with the Internet checksum of ``frame[start:]`` stored at ``start + offset``.
+
+    The driver has put the pseudo-header's sum in that field, so the sum over
+    the rest completes it (what a NIC does for NEEDS_CSUM). The ones'-complement
+    sum of 16-bit words is the value of the bytes, read as one big-endian
+    number, modulo 0xFFFF (2**16 = 1 modulo 0xFFFF): one C-speed operation on
+    Python's integers, not a loop over words.
+    """
+    data = frame[start:]
+    if len(data) % 2:
+        data += b"\0"
+    total = int.from_bytes(data, "big") % 0xFFFF
+    if total == 0 and any(data):
+        total = 0xFFFF  # the ones'-complement sum of non-zero words is never +0
+    checksum = ~total & 0xFFFF or 0xFFFF  # 0 is "no checksum" to UDP: send its other form
+    at = start + offset
+    return frame[:at] + checksum.to_bytes(2, "big") + frame[at + 2:]
 
 
 def parse_mac(text: str) -> bytes:
@@ -91,18 +154,21 @@ class VirtioNet:
     deferred_queues = frozenset({RX})  # its chains wait for frames: not served on a notify
 
     def __init__(self, backend: FrameBackend, mac: bytes, queue_size: int = QUEUE_SIZE, *,
-                 mtu: int = DEFAULT_MTU) -> None:
+                 mtu: int = DEFAULT_MTU, offload: bool = True) -> None:
         """``mtu`` above 1500 is offered (VIRTIO_NET_F_MTU): the driver then posts receive
         chains of a whole 64 KiB frame ("big packets") and sends frames up to it, so the
-        guest's stack handles a 64 KiB segment where it would handle 44 of 1,500 bytes."""
+        guest's stack handles a 64 KiB segment where it would handle 44 of 1,500 bytes.
+        ``offload``: offer checksum offloads, and segmentation with a vnet-header backend."""
         self.backend = backend
         self.mac = mac
         self.mtu = mtu
         self.max_frame = mtu + ETHERNET_HEADER + 4
+        self.offered = self._offers(offload, backend.vnet_header)
         # The driver fills the whole receive ring at start, each entry (an indirect chain) a
-        # 64 KiB buffer with a big MTU: 256 of them are 16 MiB of pages to zero, 1.5 s of boot
-        # in PVM's emulator (measured); 32 are plenty for a guest that slow.
-        rx_size = queue_size if mtu == DEFAULT_MTU else min(queue_size, BIG_RX_QUEUE_SIZE)
+        # 64 KiB buffer with a big MTU or receive segmentation: 256 of them are 16 MiB of pages
+        # to zero, 1.5 s of boot in PVM's emulator (measured); 32 are plenty for a guest that slow.
+        big_packets = mtu != DEFAULT_MTU or self.offered >> VIRTIO_NET_F_GUEST_TSO4 & 1
+        rx_size = min(queue_size, BIG_RX_QUEUE_SIZE) if big_packets else queue_size
         self.queue_max_sizes = (rx_size, queue_size)
         self.negotiated = 0
         self.transport = None  # set when attached: received frames go through it (and its lock)
@@ -111,16 +177,29 @@ class VirtioNet:
         # Statistics.
         self.frames_sent = self.frames_received = 0
         self.bytes_sent = self.bytes_received = 0
+        self.checksums_completed = 0  # NEEDS_CSUM frames summed here for a bare-frame backend
+        self.segmented_sent = self.segmented_received = 0  # GSO frames (up to 64 KiB) each way
         self.dropped: Counter[str] = Counter()
 
-    # --- what the transport asks ------------------------------------------------------
-    @property
-    def features(self) -> int:
+    def _offers(self, offload: bool, vnet_header: bool) -> int:
         bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                 VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS]
         if self.mtu != DEFAULT_MTU:
             bits.append(VIRTIO_NET_F_MTU)
+        if offload:
+            bits += [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM]
+            if vnet_header:
+                bits += [VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+                         VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6]
         return sum(1 << bit for bit in bits)
+
+    def _has(self, bit: int) -> bool:
+        return bool(self.negotiated >> bit & 1)
+
+    # --- what the transport asks ------------------------------------------------------
+    @property
+    def features(self) -> int:
+        return self.offered
 
     def read_config(self, offset: int, size: int) -> bytes:
         # mac, status, max_virtqueue_pairs, mtu (spec 5.1.4)
@@ -132,10 +211,16 @@ class VirtioNet:
 
     def activate(self, features: int) -> None:
         self.negotiated = features
+        if self.backend.vnet_header:  # the host kernel sends only what the driver takes
+            self.backend.set_offloads(self._has(VIRTIO_NET_F_GUEST_CSUM),
+                                      self._has(VIRTIO_NET_F_GUEST_TSO4),
+                                      self._has(VIRTIO_NET_F_GUEST_TSO6))
 
     def reset(self) -> None:
         """Transport lock held: a reset driver has no buffers; a waiting frame is dropped."""
         self.negotiated = 0
+        if self.backend.vnet_header:
+            self.backend.set_offloads(False, False, False)
         if self._waiting is not None:
             self.dropped["rx_reset"] += 1
         self._waiting = None
@@ -144,6 +229,21 @@ class VirtioNet:
     @property
     def requests(self) -> int:
         return self.frames_sent + self.frames_received
+
+    def counters(self) -> dict[str, int | str]:
+        """The NIC's own statistics, beside its transport's (--metrics, benchmarks)."""
+        names = {VIRTIO_NET_F_CSUM: "csum", VIRTIO_NET_F_GUEST_CSUM: "guest_csum",
+                 VIRTIO_NET_F_HOST_TSO4: "host_tso4", VIRTIO_NET_F_HOST_TSO6: "host_tso6",
+                 VIRTIO_NET_F_GUEST_TSO4: "guest_tso4", VIRTIO_NET_F_GUEST_TSO6: "guest_tso6"}
+        return {
+            "frames_sent": self.frames_sent, "frames_received": self.frames_received,
+            "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+            "checksums_completed": self.checksums_completed,
+            "segmented_sent": self.segmented_sent, "segmented_received": self.segmented_received,
+            "frames_dropped": sum(self.dropped.values()),
+            "dropped_by_reason": ",".join(f"{k}={v}" for k, v in sorted(self.dropped.items())),
+            "offloads": ",".join(name for bit, name in names.items() if self._has(bit)) or "none",
+        }
 
     def process_chain(self, queue_index: int, chain: DescriptorChain, memory: GuestMemory) -> int:
         """A transmit chain: its frame to the backend. Nothing is written back."""
@@ -157,7 +257,7 @@ class VirtioNet:
         if total < HEADER.size + ETHERNET_HEADER:
             self.dropped["tx_too_short"] += 1
             return 0
-        if total - HEADER.size > self.max_frame:
+        if total - HEADER.size > MAX_GSO_FRAME:
             self.dropped["tx_too_long"] += 1
             return 0
         try:
@@ -165,15 +265,43 @@ class VirtioNet:
         except GuestMemoryError:
             self.dropped["tx_bad_buffer"] += 1
             return 0
-        flags, gso_type = data[0], data[1]
-        if flags or gso_type:  # no offload was offered: the driver may not ask for one
-            self.dropped["tx_offload_not_offered"] += 1
-            return 0
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = HEADER.unpack_from(data)
         frame = data[HEADER.size:]
+        problem = self._check_transmit_header(flags, gso_type, gso_size, csum_start, csum_offset,
+                                              len(frame))
+        if problem:
+            self.dropped[problem] += 1
+            return 0
+        if self.backend.vnet_header:  # the host kernel sums and segments: the header as it is
+            frame = HEADER.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
+                                0) + frame
+        elif flags & HeaderFlag.NEEDS_CSUM:
+            frame = complete_checksum(frame, csum_start, csum_offset)
+            self.checksums_completed += 1
         self.backend.send(frame)
         self.frames_sent += 1
-        self.bytes_sent += len(frame)
+        self.segmented_sent += gso_type != GsoType.NONE
+        self.bytes_sent += len(data) - HEADER.size
         return 0
+
+    def _check_transmit_header(self, flags: int, gso_type: int, gso_size: int, csum_start: int,
+                               csum_offset: int, length: int) -> str | None:
+        """Why a transmit header cannot be honoured (a drop reason), or None (spec 5.1.6.2)."""
+        if flags & ~int(HeaderFlag.NEEDS_CSUM):  # (int: ~ of an IntFlag keeps only its members)
+            return "tx_bad_flags"  # DATA_VALID and the rest are the device's to set
+        if flags & HeaderFlag.NEEDS_CSUM:
+            if not self._has(VIRTIO_NET_F_CSUM):
+                return "tx_offload_not_negotiated"
+            if csum_start + csum_offset + 2 > length:
+                return "tx_bad_checksum_position"
+        if gso_type == GsoType.NONE:
+            return "tx_too_long" if length > self.max_frame else None
+        allowed = {GsoType.TCPV4: VIRTIO_NET_F_HOST_TSO4, GsoType.TCPV6: VIRTIO_NET_F_HOST_TSO6}
+        if gso_type not in allowed or not self._has(allowed[gso_type]):
+            return "tx_offload_not_negotiated"
+        if not flags & HeaderFlag.NEEDS_CSUM or gso_size == 0:
+            return "tx_bad_segmentation"  # a segmented frame's checksums are the device's
+        return None
 
     # --- receiving -----------------------------------------------------------------------------
     def receive(self, frame: bytes, stopping: Callable[[], bool] = lambda: False) -> None:
@@ -183,11 +311,11 @@ class VirtioNet:
         thread (its socket or TAP queue holds the frames behind it), until the
         driver posts buffers (:meth:`buffers_posted`) or ``stopping()``.
         """
-        if not ETHERNET_HEADER <= len(frame) <= self.max_frame:
-            self.dropped["rx_bad_length"] += 1
+        data = self._receive_header(frame)
+        if data is None:
             return
         with self.transport.lock:
-            self._waiting = frame
+            self._waiting = data
             if self._deliver_waiting():
                 return
             self._room.clear()
@@ -195,23 +323,56 @@ class VirtioNet:
             if stopping():
                 return
 
+    def _receive_header(self, frame: bytes) -> bytes | None:
+        """Header and frame as the driver will read them, or None (dropped, counted).
+
+        A vnet-header backend's header is checked against what was negotiated
+        (the host kernel was told, but a backend is not trusted); a bare frame
+        from passt, whose checksums passt computed, is DATA_VALID when the
+        driver takes that (the guest's kernel need not sum it again).
+        """
+        flags = gso_type = hdr_len = gso_size = csum_start = csum_offset = 0
+        if self.backend.vnet_header:
+            if len(frame) < HEADER.size:
+                self.dropped["rx_bad_length"] += 1
+                return None
+            flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, _ = HEADER.unpack_from(frame)
+            frame = frame[HEADER.size:]
+            if not self._has(VIRTIO_NET_F_GUEST_CSUM):
+                flags &= ~int(HeaderFlag.DATA_VALID)  # the device must not say it (spec 5.1.6.3.1)
+            allowed = {GsoType.NONE: None, GsoType.TCPV4: VIRTIO_NET_F_GUEST_TSO4,
+                       GsoType.TCPV6: VIRTIO_NET_F_GUEST_TSO6}
+            if (flags & ~int(HeaderFlag.NEEDS_CSUM | HeaderFlag.DATA_VALID)
+                    or flags & HeaderFlag.NEEDS_CSUM and not self._has(VIRTIO_NET_F_GUEST_CSUM)
+                    or gso_type not in allowed
+                    or allowed[gso_type] is not None and not self._has(allowed[gso_type])):
+                self.dropped["rx_offload_not_negotiated"] += 1
+                return None
+        elif self._has(VIRTIO_NET_F_GUEST_CSUM):
+            flags = HeaderFlag.DATA_VALID
+        limit = self.max_frame if gso_type == GsoType.NONE else MAX_GSO_FRAME
+        if not ETHERNET_HEADER <= len(frame) <= limit:
+            self.dropped["rx_bad_length"] += 1
+            return None
+        self.segmented_received += gso_type != GsoType.NONE
+        return HEADER.pack(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, 1) + frame
+
     def buffers_posted(self, queue_index: int) -> None:
         """The driver notified the receive queue (transport lock held): the waiting frame goes."""
         if self._deliver_waiting():
             self._room.set()
 
     def _deliver_waiting(self) -> bool:
-        frame = self._waiting
-        if frame is None:
+        data = self._waiting
+        if data is None:
             return True
-        if not self.transport.receive(RX, lambda chain, memory: self._fill(chain, memory, frame)):
+        if not self.transport.receive(RX, lambda chain, memory: self._fill(chain, memory, data)):
             return False
         self._waiting = None
         return True
 
-    def _fill(self, chain: DescriptorChain, memory: GuestMemory, frame: bytes) -> int:
-        """Header and frame into a receive chain; the bytes written (0: dropped)."""
-        data = HEADER.pack(0, 0, 0, 0, 0, 0, 1) + frame
+    def _fill(self, chain: DescriptorChain, memory: GuestMemory, data: bytes) -> int:
+        """Header and frame (``data``) into a receive chain; the bytes written (0: dropped)."""
         if chain.readable or sum(b.len for b in chain.writable) < len(data):
             self.dropped["rx_buffer_too_small"] += 1
             return 0
@@ -227,5 +388,5 @@ class VirtioNet:
             self.dropped["rx_bad_buffer"] += 1
             return 0
         self.frames_received += 1
-        self.bytes_received += len(frame)
+        self.bytes_received += len(data) - HEADER.size
         return len(data)
