@@ -53,7 +53,11 @@ for attempt in range(600):
     except OSError:
         time.sleep(0.2)
 print("fetched", len(body), hashlib.md5(body).hexdigest(), flush=True)
-socket.create_connection((sys.argv[3], 81), timeout=60).close()  # the guest may end
+for attempt in range(600):  # the guest may end: once its `nc -l` listens (it starts late)
+    try:
+        socket.create_connection((sys.argv[3], 81), timeout=60).close(); break
+    except OSError:
+        time.sleep(0.2)
 """
 
 
@@ -109,7 +113,7 @@ def test_guest_pings_and_exchanges_tcp_with_the_host_byte_for_byte(namespace, tm
     assert host_side[3:] == ["fetched", "100000", sent_md5]  # and again, in segments
     assert received_md5 == hashlib.md5(pattern * 1000).hexdigest()  # host -> guest
     nic = json.loads((tmp_path / "metrics.json").read_text())["devices"]["virtio-net0"]
-    assert nic["offloads"] == "csum,guest_csum,host_tso4,host_tso6,guest_tso4,guest_tso6"
+    assert nic["offloads"] == "mrg_rxbuf,csum,guest_csum,host_tso4,host_tso6,guest_tso4,guest_tso6"
     assert nic["segmented_sent"] > 0 and nic["segmented_received"] > 0, nic
     # Nothing dropped but, maybe, a frame the host sent before the driver's reset at probe.
     assert nic["dropped_by_reason"] in ("", "rx_reset=1"), nic
@@ -159,7 +163,7 @@ def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp
     with socket.socket() as probe:  # a free port on the host's loopback for the forward
         probe.bind(("127.0.0.1", 0))
         forward = probe.getsockname()[1]
-    script = (f"ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; "
+    script = (f"ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; grep nameserver /etc/resolv.conf; "
               f"wget -q -O - http://10.0.2.2:{server.server_port}/blob | md5sum; "
               "mkdir -p /www; echo hello-from-the-guest > /www/index.html; httpd -p 80 -h /www; "
               "echo ready; sleep 120")
@@ -174,7 +178,8 @@ def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp
             assert line, f"the guest ended early: {lines} {vmm.stderr.read()}"
             lines.append(line.strip())
         assert lines[0] == "inet 10.0.2.15/24"
-        assert lines[1].split()[0] == hashlib.md5(blob).hexdigest()  # byte for byte
+        assert lines[1] == "nameserver 10.0.2.3"  # passt forwards it to the host's resolver
+        assert lines[2].split()[0] == hashlib.md5(blob).hexdigest()  # byte for byte
         with urllib.request.urlopen(f"http://127.0.0.1:{forward}/", timeout=60) as reply:
             assert reply.read() == b"hello-from-the-guest\n"
         passts = _children_named(vmm.pid, "passt")

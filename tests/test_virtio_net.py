@@ -46,10 +46,19 @@ class Transport:
         self.memory, self.chains, self.used = memory, chains, []
 
     def receive(self, queue_index, fill) -> bool:
-        if not self.chains:
+        taken = []
+
+        def take():
+            if not self.chains:
+                return None
+            taken.append(self.chains.pop(0))
+            return taken[-1]
+
+        used = fill(take, self.memory)
+        if used is None:
+            self.chains[:0] = taken  # put back
             return False
-        chain = self.chains.pop(0)
-        self.used.append((chain.head, fill(chain, self.memory)))
+        self.used += used
         return True
 
 
@@ -77,7 +86,8 @@ def test_offers_and_config():
     assert device.read_config(6, 2) == b"\x01\x00"  # link up
     assert device.features & (bit(5) | bit(16) | bit(32)) == bit(5) | bit(16) | bit(32)
     assert device.features & (bit(0) | bit(1)) == bit(0) | bit(1)  # CSUM, GUEST_CSUM
-    assert not device.features & (bit(7) | bit(8) | bit(11) | bit(12) | bit(15))  # no TSO, MRG
+    assert not device.features & (bit(7) | bit(8) | bit(11) | bit(12))  # no TSO
+    assert device.features & bit(15)  # MRG_RXBUF
     assert device.queue_max_sizes == (256, 256)
 
 
@@ -85,7 +95,9 @@ def test_a_vnet_header_backend_is_offered_segmentation_and_big_receive_buffers()
     device = VirtioNet(Backend(vnet_header=True), default_mac(0))
     tso = bit(7) | bit(8) | bit(11) | bit(12)
     assert device.features & tso == tso
-    assert device.queue_max_sizes == (32, 256)  # the driver posts 64 KiB buffers: fewer
+    assert device.queue_max_sizes == (256, 256)  # mergeable buffers: a frame takes many
+    big = VirtioNet(Backend(vnet_header=True), default_mac(0), mergeable=False)
+    assert big.queue_max_sizes == (32, 256)  # the driver posts 64 KiB buffers: fewer
     plain = VirtioNet(Backend(vnet_header=True), default_mac(0), offload=False)
     assert not plain.features & (tso | bit(0) | bit(1)) and plain.queue_max_sizes == (256, 256)
 
@@ -223,7 +235,7 @@ def test_a_transmit_chain_with_a_writable_buffer_is_dropped(memory):
 
 
 def test_a_received_frame_fills_a_posted_buffer_with_header_and_frame(memory):
-    device = VirtioNet(Backend(), default_mac(0))
+    device = VirtioNet(Backend(), default_mac(0))  # MRG_RXBUF not negotiated: one buffer
     posted = DescriptorChain(3, [Buffer(0x4000, 10, True), Buffer(0x5000, 2048, True)])
     device.transport = Transport(memory, [posted])
     device.receive(FRAME)
@@ -314,12 +326,15 @@ def test_bad_received_frames_and_small_buffers_are_dropped(memory):
     ("tap=tap0", NetConfig("tap", "tap0")),
     ("tap=vt,ip=10.0.0.2/24,gw=10.0.0.1,mac=52:54:00:00:00:09",
      NetConfig("tap", "vt", "10.0.0.2/24", "10.0.0.1", "52:54:00:00:00:09")),
-    ("user", NetConfig("user", "", "10.0.2.15/24", "10.0.2.2")),
+    ("user", NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", dns="10.0.2.3")),
     ("tap", NetConfig("tap", "")),
     ("tap,ip=10.0.0.2/24,offload=off", NetConfig("tap", "", "10.0.0.2/24", offload=False)),
-    ("user,offload=off", NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", offload=False)),
+    ("user,offload=off", NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", offload=False,
+                                   dns="10.0.2.3")),
+    ("tap=t,ip=10.0.0.2/24,dns=10.0.0.53", NetConfig("tap", "t", "10.0.0.2/24", dns="10.0.0.53")),
     ("user,hostfwd=tcp:8080:80,hostfwd=tcp:2222:22",
-     NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", None, ((8080, 80), (2222, 22)))),
+     NetConfig("user", "", "10.0.2.15/24", "10.0.2.2", None, ((8080, 80), (2222, 22)),
+               dns="10.0.2.3")),
 ])
 def test_net_option(text, parsed):
     assert NetConfig.parse(text) == parsed
@@ -336,8 +351,10 @@ def test_net_option(text, parsed):
     ("tap=t,ip=10.0.0.2", "ADDR/PREFIX"),
     ("tap=t,ip=10.0.0.300/24", "10.0.0.300"),
     ("tap=t,gw=10.0.0.1", "gw= without ip="),
+    ("tap=t,dns=10.0.0.53", "dns= without ip="),
+    ("tap=t,ip=10.0.0.2/24,dns=resolver", "resolver"),
     ("tap=t,mac=01:00:00:00:00:01", "multicast"),
-    ("tap=t,speed=10", "unknown option 'speed'"),
+    ("tap=t,speed=10", "unknown option 'speed' (ip, gw, dns, mac, offload)"),
 ])
 def test_bad_net_options_get_one_line(text, message):
     with pytest.raises(UsageError, match=re.escape(message)):
@@ -347,6 +364,8 @@ def test_bad_net_options_get_one_line(text, message):
 def test_the_kernel_configures_eth0_from_ip():
     net = NetConfig.parse("tap=t,ip=10.99.0.2/24,gw=10.99.0.1")
     assert net.kernel_ip_option(0) == "ip=10.99.0.2::10.99.0.1:255.255.255.0::eth0:off"
+    assert NetConfig.parse("user").kernel_ip_option(0) == \
+        "ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off:10.0.2.3"  # and the nameserver
     assert NetConfig.parse("tap=t").kernel_ip_option(0) is None
     assert parse_mac("52:54:00:ab:cd:ef") == bytes.fromhex("525400abcdef")
 
@@ -372,3 +391,96 @@ def test_net_with_restore_is_refused_before_anything_starts(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "vmm: --net with --restore: a snapshot has no NIC, and one cannot be added to a "
         "restored VM yet (a run with --net boots cold)"]
+
+
+# --- mergeable receive buffers, through the real transport and a mock driver ----------------------
+from tests.virtio_driver import FakeInterrupt, MockDriver  # noqa: E402
+
+
+def mergeable_nic(queue_size: int = 16):
+    from vmm.devices.virtio.mmio import VirtioMmioTransport
+
+    memory = GuestMemory([(0, 1 << 20)])
+    device = VirtioNet(Backend(), default_mac(0), mtu=65520)  # passt's: frames up to 64 KiB
+    transport = VirtioMmioTransport(device, memory, FakeInterrupt(), name="net")
+    device.transport = transport
+    driver = MockDriver(transport, memory, queue_size=queue_size).init()  # queue 0: receive
+    assert driver.features & bit(15)
+    return device, transport, driver, memory
+
+
+def post(driver, *sizes: int) -> list[tuple[int, int]]:
+    """Receive buffers as Linux posts mergeable ones: one writable buffer per chain."""
+    buffers = []
+    for size in sizes:
+        address = driver.alloc(size)
+        buffers.append((driver.add([(address, size, True)]), address))
+    driver.kick()
+    return buffers
+
+
+def test_a_big_frame_spans_mergeable_buffers_and_says_how_many():
+    device, transport, driver, memory = mergeable_nic()
+    buffers = post(driver, 1024, 1024, 1024, 1024)
+    frame = FRAME[:14] + bytes(range(256)) * 10  # 2,574 bytes: header + frame in three
+    device.receive(frame)
+    done = driver.collect()
+    assert [(c.head, c.length) for c in done] == [(buffers[0][0], 1024), (buffers[1][0], 1024),
+                                                  (buffers[2][0], HEADER.size + len(frame) - 2048)]
+    written = b"".join(memory.read(address, c.length) for c, (_, address) in zip(done, buffers))
+    assert HEADER.unpack(written[:HEADER.size])[-1] == 3  # num_buffers
+    assert written[HEADER.size:] == frame
+    device.receive(FRAME)  # the fourth buffer, alone
+    assert [(c.head, c.length) for c in driver.collect()] == [(buffers[3][0], HEADER.size + len(FRAME))]
+
+
+def test_too_few_mergeable_buffers_go_back_and_the_frame_waits_for_more():
+    device, transport, driver, memory = mergeable_nic()
+    first = post(driver, 1024)
+    frame = FRAME[:14] + bytes(3000)
+    waiting = threading.Thread(target=device.receive, args=(frame,))
+    waiting.start()
+    waiting.join(0.3)
+    assert waiting.is_alive() and driver.used_idx() == 0  # nothing used: the buffer went back
+    assert transport.lock.acquire(timeout=1)  # and it waits: not spinning on the ring, locked
+    transport.lock.release()
+    assert driver.avail_event() == 1  # a kick is asked for the chain after the one put back
+    more = post(driver, 1024, 1024, 1024)  # the kick hands the waiting frame over
+    waiting.join(5)
+    assert not waiting.is_alive()
+    heads = [c.head for c in driver.collect()]
+    assert heads == [first[0][0], more[0][0], more[1][0]]  # in the order posted
+
+
+def test_a_malformed_chain_among_mergeable_buffers_loses_the_frame_not_the_ring():
+    device, transport, driver, memory = mergeable_nic()
+    good = post(driver, 1024)
+    bad = driver.free.pop(0)
+    driver.write_desc(bad, (1 << 20) - 16, 4096, 2)  # writable, past the end of RAM
+    driver.publish(bad)
+    driver.kick()
+    device.receive(FRAME[:14] + bytes(3000))
+    assert [(c.head, c.length) for c in driver.collect()] == [(good[0][0], 0), (bad, 0)]
+    assert transport.stats.chain_errors == 1
+    after = post(driver, 2048)
+    device.receive(FRAME)  # the ring goes on
+    assert [(c.head, c.length) for c in driver.collect()] == [(after[0][0], HEADER.size + len(FRAME))]
+
+
+def test_a_frame_bigger_than_the_whole_ring_is_dropped_not_waited_for():
+    device, transport, driver, memory = mergeable_nic(queue_size=4)
+    post(driver, 16, 16, 16, 16)
+    done = threading.Thread(target=device.receive, args=(FRAME[:14] + bytes(1000),))
+    done.start()
+    done.join(5)
+    assert not done.is_alive()
+    assert [c.length for c in driver.collect()] == [0, 0, 0, 0]
+
+
+def test_a_mergeable_buffer_the_device_cannot_write_drops_the_frame(memory):
+    device = VirtioNet(Backend(), default_mac(0))
+    device.activate(device.features)
+    device.transport = Transport(memory, [DescriptorChain(1, [Buffer(0x4000, 64, True)]),
+                                          DescriptorChain(2, [Buffer(0x5000, 64, False)])])
+    device.receive(FRAME)
+    assert device.transport.used == [(1, 0), (2, 0)] and device.dropped == {"rx_bad_buffer": 1}

@@ -90,7 +90,7 @@ class DiskConfig:
 
 @dataclass(frozen=True)
 class NetConfig:
-    """One NIC: ``--net tap[=NAME][,ip=ADDR/PREFIX][,gw=ADDR][,mac=MAC][,offload=off]`` or
+    """One NIC: ``--net tap[=NAME][,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR][,mac=MAC][,offload=off]`` or
     ``--net user[,hostfwd=tcp:HOSTPORT:GUESTPORT]...[,mac=MAC][,offload=off]``."""
 
     backend: str  # "tap" or "user" (passt)
@@ -100,6 +100,7 @@ class NetConfig:
     mac: str | None = None  # default: 52:54:00:12:34:56 + the NIC's index
     forwards: tuple[tuple[int, int], ...] = ()  # user: (host port on 127.0.0.1, guest port)
     offload: bool = True  # offer checksum (and with TAP, segmentation) offloads to the driver
+    dns: str | None = None  # the guest's nameserver (/etc/resolv.conf -> the kernel's /proc/net/pnp)
 
     @staticmethod
     def parse(text: str) -> "NetConfig | None":
@@ -119,17 +120,18 @@ class NetConfig:
             raise UsageError(f"--net {text!r}: tap=NAME: name the TAP interface (or give "
                              "tap alone: the kernel names it vmmtapN)")
         options = dict(option.partition("=")[::2] for option in rest.split(",") if option)
-        unknown = set(options) - {"ip", "gw", "mac", "offload"}
+        unknown = set(options) - {"ip", "gw", "dns", "mac", "offload"}
         if unknown:
             raise UsageError(f"--net {text!r}: unknown option {sorted(unknown)[0]!r} "
-                             "(ip, gw, mac, offload)")
+                             "(ip, gw, dns, mac, offload)")
         try:
             if "ip" in options:
                 if "/" not in options["ip"]:
                     raise ValueError(f"ip={options['ip']}: give ADDR/PREFIX, e.g. 10.0.0.2/24")
                 ipaddress.IPv4Interface(options["ip"])
-            if "gw" in options:
-                ipaddress.IPv4Address(options["gw"])
+            for key in ("gw", "dns"):
+                if key in options:
+                    ipaddress.IPv4Address(options[key])
             if "mac" in options:
                 from vmm.devices.virtio.net import parse_mac
 
@@ -137,10 +139,11 @@ class NetConfig:
             offload = NetConfig._parse_offload(options.get("offload", "on"))
         except ValueError as e:
             raise UsageError(f"--net {text!r}: {e}") from None
-        if "gw" in options and "ip" not in options:
-            raise UsageError(f"--net {text!r}: gw= without ip=")
+        for key in ("gw", "dns"):
+            if key in options and "ip" not in options:
+                raise UsageError(f"--net {text!r}: {key}= without ip=")
         return NetConfig("tap", name, options.get("ip"), options.get("gw"), options.get("mac"),
-                         offload=offload)
+                         offload=offload, dns=options.get("dns"))
 
     @staticmethod
     def _parse_offload(value: str) -> bool:
@@ -151,7 +154,7 @@ class NetConfig:
     @staticmethod
     def _parse_user(text: str, rest: str) -> "NetConfig":
         """user: passt's fixed addresses (10.0.2.15/24, gateway 10.0.2.2), port forwards, mac."""
-        from vmm.devices.netbackend import GATEWAY, GUEST_ADDRESS, PREFIX
+        from vmm.devices.netbackend import DNS_ADDRESS, GATEWAY, GUEST_ADDRESS, PREFIX
 
         forwards, mac, offload = [], None, True
         for option in (o for o in rest.split(",") if o):
@@ -181,7 +184,7 @@ class NetConfig:
             else:
                 raise UsageError(f"--net {text!r}: unknown option {key!r} (hostfwd, mac, offload)")
         return NetConfig("user", "", f"{GUEST_ADDRESS}/{PREFIX}", GATEWAY, mac, tuple(forwards),
-                         offload)
+                         offload, DNS_ADDRESS)
 
     def kernel_ip_option(self, index: int) -> str | None:
         """The kernel's ip= for this NIC (CONFIG_IP_PNP: eth<index> configured at boot)."""
@@ -190,7 +193,9 @@ class NetConfig:
         if self.ip is None:
             return None
         interface = ipaddress.IPv4Interface(self.ip)
-        return (f"ip={interface.ip}::{self.gateway or ''}:{interface.netmask}::eth{index}:off")
+        # client:server:gateway:netmask:hostname:device:autoconf:dns0
+        option = f"ip={interface.ip}::{self.gateway or ''}:{interface.netmask}::eth{index}:off"
+        return option + (f":{self.dns}" if self.dns else "")
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,10 @@ MACHINE_OPTIONS = [
     click.option("--disk", "disks", multiple=True, metavar="PATH[,ro][,serial=ID]",
                  help="A raw disk image as virtio-blk (/dev/vda, /dev/vdb, ... in order)."),
     click.option("--net", "nets", multiple=True,
-                 metavar="none|user[,hostfwd=tcp:H:G]|tap[=NAME][,ip=A/P][,gw=A][,mac=M]",
+                 metavar="none|user[,hostfwd=tcp:H:G]|tap[=NAME][,ip=A/P][,gw=A][,dns=A][,mac=M]",
                  help="A virtio-net NIC (repeatable; eth0, eth1...): user-mode networking through "
-                      "passt (10.0.2.15, gateway 10.0.2.2 = the host's loopback), or a TAP device "
-                      "(ip=/gw= configure the guest; no NAME: the kernel names it vmmtapN); "
+                      "passt (10.0.2.15, gateway 10.0.2.2 = the host's loopback, DNS 10.0.2.3), or a TAP device "
+                      "(ip=/gw=/dns= configure the guest; no NAME: the kernel names it vmmtapN); "
                       "offload=off: no checksum or segmentation offloads. A run with --net "
                       "boots cold."),
     click.option("--root", metavar="DEV",

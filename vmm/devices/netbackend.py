@@ -148,6 +148,7 @@ class TapBackend(_FrameReader):
 
 # --- user-mode networking: passt ----------------------------------------------------------
 GUEST_ADDRESS, GATEWAY, PREFIX = "10.0.2.15", "10.0.2.2", 24  # as QEMU's user networking
+DNS_ADDRESS = "10.0.2.3"  # as QEMU's: passt forwards queries to it to the host's resolver
 PASST_MTU = 65520  # passt's own default: the largest 802.3 frame, rounded to 32-bit words
 LENGTH = struct.Struct(">I")  # passt's qemu socket protocol: a frame, prefixed by its length
 
@@ -159,7 +160,8 @@ class PasstBackend(_FrameReader):
     the stream is prefixed with its length (big-endian, 32 bits). It answers
     ARP and DHCP, translates the guest's TCP/UDP/ICMP into host sockets, and
     maps the gateway address to the host's loopback: a guest connection to
-    10.0.2.2:PORT reaches 127.0.0.1:PORT. ``forwards`` (HOSTPORT, GUESTPORT)
+    10.0.2.2:PORT reaches 127.0.0.1:PORT; DNS queries to 10.0.2.3 go to the
+    host's first nameserver. ``forwards`` (HOSTPORT, GUESTPORT)
     bind 127.0.0.1:HOSTPORT on the host to the guest's GUESTPORT. With ``-1``
     passt exits when its end of the pair closes, so it never outlives vmm.
     """
@@ -187,7 +189,8 @@ class PasstBackend(_FrameReader):
         self.process = subprocess.Popen(
             [passt, "--foreground", "--quiet", "--one-off", "--ipv4-only",
              "--fd", str(theirs.fileno()), "--address", GUEST_ADDRESS, "--netmask", str(PREFIX),
-             "--gateway", GATEWAY, "--no-dhcp-dns", "--no-dhcp-search",
+             "--gateway", GATEWAY, "--dns-forward", DNS_ADDRESS, "--no-dhcp-dns",
+             "--no-dhcp-search",
              *tcp, "--udp-ports", "none"],
             pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=self._log,
             stderr=self._log)

@@ -196,6 +196,9 @@ def userspace_tree(busybox: Path, all_applets: bool = True) -> list[tuple]:
         ("file", "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644),
         ("file", "etc/group", b"root:x:0:\n", 0o644),
         ("file", "etc/hostname", b"vmm\n", 0o644),
+        # The nameserver a NIC's kernel ip= option names (vmm/config.py): the kernel lists it
+        # there, so the guest needs no DHCP client and /init no network code.
+        ("symlink", "etc/resolv.conf", "/proc/net/pnp"),
     ]
     return tree
 

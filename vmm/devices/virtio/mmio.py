@@ -40,7 +40,8 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from vmm.config import NotifyPath
-from vmm.devices.virtio.queue import DescriptorChain, Queue, QueueError, QueueState, RingError
+from vmm.devices.virtio.queue import (ChainError, DescriptorChain, Queue, QueueError, QueueState,
+                                      RingError)
 from vmm.devices.virtio.service import QueueServer, TransportStats
 from vmm.memory import GuestMemory
 
@@ -358,13 +359,17 @@ class VirtioMmioTransport:
         return self._lock
 
     def receive(self, queue_index: int, fill) -> bool:
-        """Device-initiated: ``fill(chain, memory) -> bytes written`` on the next posted chain.
+        """Device-initiated: ``fill(take, memory)`` on the chains the driver posted.
 
         For a queue the driver stocks with empty buffers (virtio-net's receive
-        queue), from the device's own thread. False when the device is not
-        running or no chain is posted: then the driver is asked to notify the
-        queue when it posts one. A malformed chain goes back with length 0 and
-        the next one is tried; a broken ring needs a reset.
+        queue), from the device's own thread. ``take()`` gives the next posted
+        chain, or None when there is none; ``fill`` returns the used entries
+        ``[(head, bytes written), ...]`` for the chains it took, in order, or
+        None when they were too few (nothing written): they go back, and the
+        driver is asked to notify the queue when it posts more. False when the
+        device is not running or the chains are too few. A malformed chain ends
+        the attempt: it and the chains taken before it go back with length 0
+        (the frame is lost, counted); a broken ring needs a reset.
         """
         with self._lock:
             if not self._running() or queue_index >= len(self.queues) \
@@ -372,16 +377,41 @@ class VirtioMmioTransport:
                 return False
             queue = self.queues[queue_index]
             try:
-                while (chain := self.server.next_chain(queue)) is None:
-                    if not queue.enable_notification():
-                        return False  # the driver kicks the queue when it posts one
-                queue.add_used(chain.head, fill(chain, self.memory))
-                if queue.needs_notification():
+                while isinstance(used := self._fill_from(queue, fill), int):
+                    if not queue.enable_notification(seen=used):
+                        return False  # the driver kicks the queue when it posts more
+                for head, written in used:
+                    queue.add_used(head, written)
+                if used and queue.needs_notification():
                     self._signal(INT_USED_RING)
                 return True
             except RingError as e:
                 self._needs_reset(f"{type(e).__name__}: queue {queue_index}: {e}")
                 return False
+
+    def _fill_from(self, queue: Queue, fill) -> list[tuple[int, int]] | int:
+        """``fill``'s used entries, or how many chains it found too few and put back."""
+        taken: list[DescriptorChain] = []
+
+        def take() -> DescriptorChain | None:
+            chain = queue.pop()
+            if chain is not None:
+                taken.append(chain)
+            return chain
+
+        try:
+            used = fill(take, self.memory)
+        except ChainError as e:
+            self.stats.chain_errors += 1
+            self._error(f"malformed chain: {type(e).__name__}", str(e))
+            return [(chain.head, 0) for chain in taken] + [(e.head, 0)]
+        if used is None:
+            if len(taken) >= queue.size:  # the whole ring cannot hold it: it never will
+                self._error("frame larger than every posted buffer", f"{len(taken)} chains")
+                return [(chain.head, 0) for chain in taken]
+            queue.put_back(len(taken))
+            return len(taken)
+        return used
 
     def config_changed(self) -> None:
         """The device's configuration changed (a resized disk): tell the driver."""

@@ -6,7 +6,7 @@ in either direction follows a 12-byte ``virtio_net_hdr_v1`` (flags, GSO type,
 header length, GSO size, checksum start and offset, number of buffers)::
 
     transmit chain, readable:  [ virtio_net_hdr_v1 ][ Ethernet frame ]
-    receive chain, writable:   [ virtio_net_hdr_v1 ][ Ethernet frame ]
+    receive chain(s), writable: [ virtio_net_hdr_v1 ][ Ethernet frame ...][... ]
 
 Offloads (``offload=True``, the default). The driver may leave a transmitted
 frame's TCP/UDP checksum to the device (VIRTIO_NET_F_CSUM: NEEDS_CSUM with
@@ -16,18 +16,24 @@ guest a loop over every byte in the instruction emulator. A backend that
 speaks virtio's own header (a TAP device with IFF_VNET_HDR) takes the header as
 it is and the host kernel does the work, so segmentation is offered too: the
 guest sends TCP segments of up to 64 KiB (HOST_TSO4/6) and receives them
-(GUEST_TSO4/6: the driver then posts receive buffers of 64 KiB, "big
-packets", so the receive queue offers 32 entries, as with a big MTU). A backend
-of bare frames (passt) gets each NEEDS_CSUM frame with its checksum completed
-here, and no segmentation is offered (its 65,520-byte MTU makes segments that
-big anyway). Also offered: VERSION_1, MAC, STATUS (the link is up), EVENT_IDX,
-INDIRECT_DESC, and MTU when it is not Ethernet's 1,500. Not offered:
-MRG_RXBUF (big buffers instead; measured in docs/networking.md), ECN, UFO.
+(GUEST_TSO4/6). A backend of bare frames (passt) gets each NEEDS_CSUM frame
+with its checksum completed here, and no segmentation is offered (its
+65,520-byte MTU makes segments that big anyway). Not offered: ECN, UFO.
+
+Receive buffers (MRG_RXBUF, ``mergeable=True``, the default): the driver posts
+buffers of a page or less, and a frame bigger than one spans as many as it
+takes, the first header's ``num_buffers`` saying how many. Without it, a
+driver that may receive 64 KiB frames (a big MTU, GUEST_TSO) posts a whole
+64 KiB buffer for every frame, a 66-byte acknowledgement's included ("big
+packets"), and fills its ring with them at start (the receive queue then
+offers 32 entries: 256 were 1.9 s of boot on PVM). Also offered: VERSION_1,
+MAC, STATUS (the link is up), EVENT_IDX, INDIRECT_DESC, and MTU when it is not
+Ethernet's 1,500.
 
 Transmit is a queue notification like a disk request: the transport's
 QueueServer hands each chain to :meth:`VirtioNet.process_chain`. Receive is the
 other way round: a frame comes from the backend's thread whenever it comes, and
-takes the next posted buffer (``VirtioMmioTransport.receive``); with none
+takes the next posted buffers (``VirtioMmioTransport.receive``); with too few
 posted it waits, and the backend's thread with it (the frames behind it stay in
 the TAP queue or the socket), until the driver posts more and notifies the
 receive queue (:meth:`buffers_posted`).
@@ -63,6 +69,7 @@ VIRTIO_NET_F_GUEST_TSO4 = 7  # the driver takes TCP segments of up to 64 KiB (re
 VIRTIO_NET_F_GUEST_TSO6 = 8
 VIRTIO_NET_F_HOST_TSO4 = 11  # the device takes them (transmit)
 VIRTIO_NET_F_HOST_TSO6 = 12
+VIRTIO_NET_F_MRG_RXBUF = 15  # a received frame may span several posted buffers
 VIRTIO_NET_F_STATUS = 16
 VIRTIO_NET_S_LINK_UP = 1
 
@@ -154,21 +161,26 @@ class VirtioNet:
     deferred_queues = frozenset({RX})  # its chains wait for frames: not served on a notify
 
     def __init__(self, backend: FrameBackend, mac: bytes, queue_size: int = QUEUE_SIZE, *,
-                 mtu: int = DEFAULT_MTU, offload: bool = True) -> None:
-        """``mtu`` above 1500 is offered (VIRTIO_NET_F_MTU): the driver then posts receive
-        chains of a whole 64 KiB frame ("big packets") and sends frames up to it, so the
-        guest's stack handles a 64 KiB segment where it would handle 44 of 1,500 bytes.
-        ``offload``: offer checksum offloads, and segmentation with a vnet-header backend."""
+                 mtu: int = DEFAULT_MTU, offload: bool = True, mergeable: bool = True) -> None:
+        """``mtu`` above 1500 is offered (VIRTIO_NET_F_MTU): the guest's stack then handles a
+        64 KiB segment where it would handle 44 of 1,500 bytes.
+        ``offload``: offer checksum offloads, and segmentation with a vnet-header backend.
+        ``mergeable``: offer MRG_RXBUF, the driver posts small buffers (a page or less) and a
+        big frame spans several; without it a big MTU or receive segmentation makes the
+        driver post a whole 64 KiB buffer for every frame, an acknowledgement's included
+        ("big packets")."""
         self.backend = backend
         self.mac = mac
         self.mtu = mtu
         self.max_frame = mtu + ETHERNET_HEADER + 4
-        self.offered = self._offers(offload, backend.vnet_header)
-        # The driver fills the whole receive ring at start, each entry (an indirect chain) a
-        # 64 KiB buffer with a big MTU or receive segmentation: 256 of them are 16 MiB of pages
-        # to zero, 1.5 s of boot in PVM's emulator (measured); 32 are plenty for a guest that slow.
+        self.offered = self._offers(offload, backend.vnet_header, mergeable)
+        # Without mergeable buffers, "big packets" fill the ring with 64 KiB buffers: 256 of
+        # them are 16 MiB of pages to zero, 1.5 s of boot in PVM's emulator (measured); 32 are
+        # plenty for a guest that slow. (Not 16: each is a chain of 19 descriptors.)
         big_packets = mtu != DEFAULT_MTU or self.offered >> VIRTIO_NET_F_GUEST_TSO4 & 1
-        rx_size = min(queue_size, BIG_RX_QUEUE_SIZE) if big_packets else queue_size
+        rx_size = queue_size
+        if big_packets and not mergeable:
+            rx_size = min(rx_size, BIG_RX_QUEUE_SIZE)
         self.queue_max_sizes = (rx_size, queue_size)
         self.negotiated = 0
         self.transport = None  # set when attached: received frames go through it (and its lock)
@@ -181,9 +193,11 @@ class VirtioNet:
         self.segmented_sent = self.segmented_received = 0  # GSO frames (up to 64 KiB) each way
         self.dropped: Counter[str] = Counter()
 
-    def _offers(self, offload: bool, vnet_header: bool) -> int:
+    def _offers(self, offload: bool, vnet_header: bool, mergeable: bool) -> int:
         bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
                 VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS]
+        if mergeable:
+            bits.append(VIRTIO_NET_F_MRG_RXBUF)
         if self.mtu != DEFAULT_MTU:
             bits.append(VIRTIO_NET_F_MTU)
         if offload:
@@ -232,7 +246,7 @@ class VirtioNet:
 
     def counters(self) -> dict[str, int | str]:
         """The NIC's own statistics, beside its transport's (--metrics, benchmarks)."""
-        names = {VIRTIO_NET_F_CSUM: "csum", VIRTIO_NET_F_GUEST_CSUM: "guest_csum",
+        names = {VIRTIO_NET_F_MRG_RXBUF: "mrg_rxbuf", VIRTIO_NET_F_CSUM: "csum", VIRTIO_NET_F_GUEST_CSUM: "guest_csum",
                  VIRTIO_NET_F_HOST_TSO4: "host_tso4", VIRTIO_NET_F_HOST_TSO6: "host_tso6",
                  VIRTIO_NET_F_GUEST_TSO4: "guest_tso4", VIRTIO_NET_F_GUEST_TSO6: "guest_tso6"}
         return {
@@ -366,16 +380,54 @@ class VirtioNet:
         data = self._waiting
         if data is None:
             return True
-        if not self.transport.receive(RX, lambda chain, memory: self._fill(chain, memory, data)):
+        fill = self._fill_merged if self._has(VIRTIO_NET_F_MRG_RXBUF) else self._fill_one
+        if not self.transport.receive(RX, lambda take, memory: fill(take, memory, data)):
             return False
         self._waiting = None
         return True
 
-    def _fill(self, chain: DescriptorChain, memory: GuestMemory, data: bytes) -> int:
-        """Header and frame (``data``) into a receive chain; the bytes written (0: dropped)."""
+    def _fill_one(self, take, memory: GuestMemory, data: bytes) -> list[tuple[int, int]] | None:
+        """Header and frame (``data``) into one receive chain: [(its head, bytes written)]
+        (0 written: dropped), or None when none is posted."""
+        chain = take()
+        if chain is None:
+            return None
         if chain.readable or sum(b.len for b in chain.writable) < len(data):
             self.dropped["rx_buffer_too_small"] += 1
-            return 0
+            return [(chain.head, 0)]
+        if not self._write(chain, memory, data):
+            return [(chain.head, 0)]
+        self._received(data)
+        return [(chain.head, len(data))]
+
+    def _fill_merged(self, take, memory: GuestMemory, data: bytes) -> list[tuple[int, int]] | None:
+        """MRG_RXBUF: header and frame across as many receive chains as it takes, the header's
+        num_buffers saying how many (spec 5.1.6.4.2); None when too few are posted."""
+        chains: list[DescriptorChain] = []
+        room = 0
+        while room < len(data):
+            chain = take()
+            if chain is None:
+                return None
+            chains.append(chain)
+            size = sum(b.len for b in chain.writable)
+            if chain.readable or size == 0:  # the device cannot write it: the frame is lost
+                self.dropped["rx_bad_buffer"] += 1
+                return [(c.head, 0) for c in chains]
+            room += size
+        data = data[:HEADER.size - 2] + struct.pack("<H", len(chains)) + data[HEADER.size:]
+        used, offset = [], 0
+        for chain in chains:
+            size = min(sum(b.len for b in chain.writable), len(data) - offset)
+            if not self._write(chain, memory, data[offset:offset + size]):
+                return [(c.head, 0) for c in chains]
+            used.append((chain.head, size))
+            offset += size
+        self._received(data)
+        return used
+
+    def _write(self, chain: DescriptorChain, memory: GuestMemory, data: bytes) -> bool:
+        """``data`` into the chain's writable buffers, in order (it fits); False: dropped."""
         offset = 0
         try:
             for buffer in chain.writable:
@@ -386,7 +438,9 @@ class VirtioNet:
                 offset += len(piece)
         except GuestMemoryError:
             self.dropped["rx_bad_buffer"] += 1
-            return 0
+            return False
+        return True
+
+    def _received(self, data: bytes) -> None:
         self.frames_received += 1
         self.bytes_received += len(data) - HEADER.size
-        return len(data)

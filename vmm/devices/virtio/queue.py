@@ -343,6 +343,17 @@ class Queue:
         self.next_avail = (self.next_avail + 1) & 0xFFFF
         return self._walk(head)
 
+    def put_back(self, count: int) -> None:
+        """The last ``count`` chains popped go back, untouched, to be popped again.
+
+        For a device that needs several chains for one thing (virtio-net's
+        mergeable receive buffers) and found too few posted: nothing of them
+        was written, and none has a used entry.
+        """
+        if not 0 <= count <= self.size:
+            raise ValueError(f"cannot put back {count} chains of a queue of {self.size}")
+        self.next_avail = (self.next_avail - count) & 0xFFFF
+
     def __iter__(self) -> Iterator[DescriptorChain]:
         """Available chains until none is left (errors propagate, see pop)."""
         while (chain := self.pop()) is not None:
@@ -450,16 +461,18 @@ class Queue:
         # With EVENT_IDX, avail_event stays where it is: the driver kicks only
         # when it passes that index, which we have already passed.
 
-    def enable_notification(self) -> bool:
+    def enable_notification(self, seen: int = 0) -> bool:
         """Ask for a kick on the next new chain; True if chains arrived meanwhile.
 
         The re-check after the barrier closes the race where the driver added a
         chain after our last look but read the old avail_event/flags and so did
         not kick: the caller must process again when this returns True.
+        ``seen``: chains available that the caller looked at and left there
+        (too few for its frame, :meth:`put_back`): only chains after them count.
         """
         if self.event_idx:
-            self._set_avail_event(self.next_avail)
+            self._set_avail_event(self.next_avail + seen)
         else:
             self._set_used_flags(0)
         full_barrier()
-        return self.pending() > 0
+        return self.pending() > seen
