@@ -8,7 +8,8 @@ segments of up to 64 KiB), checked by MD5 on each side. Needs root (ip netns) an
 passt: the guest reaches only the host's loopback (passt's gateway address is
 mapped to 127.0.0.1; the guest connects to nothing else): it fetches a file
 from an HTTP server the test runs there, and a forward of a loopback port
-reaches busybox httpd in the guest; passt goes when vmm is killed.
+reaches busybox httpd in the guest; a second NIC is eth1; both passts go
+when vmm is killed.
 """
 
 from __future__ import annotations
@@ -164,11 +165,13 @@ def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp
         probe.bind(("127.0.0.1", 0))
         forward = probe.getsockname()[1]
     script = (f"ip -4 addr show eth0 | grep -o 'inet [0-9./]*'; grep nameserver /etc/resolv.conf; "
+              "ip -o link show eth1 | grep -o '52:54:00:12:34:57'; "  # a second NIC, its own MAC
               f"wget -q -O - http://10.0.2.2:{server.server_port}/blob | md5sum; "
               "mkdir -p /www; echo hello-from-the-guest > /www/index.html; httpd -p 80 -h /www; "
               "echo ready; sleep 120")
     vmm = subprocess.Popen([sys.executable, "-m", "vmm", "run", "--net",
-                            f"user,hostfwd=tcp:{forward}:80", "--", "sh", "-c", script],
+                            f"user,hostfwd=tcp:{forward}:80", "--net", "user", "--", "sh", "-c",
+                            script],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     passts: list[int] = []
     try:
@@ -179,21 +182,23 @@ def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp
             lines.append(line.strip())
         assert lines[0] == "inet 10.0.2.15/24"
         assert lines[1] == "nameserver 10.0.2.3"  # passt forwards it to the host's resolver
-        assert lines[2].split()[0] == hashlib.md5(blob).hexdigest()  # byte for byte
+        assert lines[2] == "52:54:00:12:34:57"
+        assert lines[3].split()[0] == hashlib.md5(blob).hexdigest()  # byte for byte
         with urllib.request.urlopen(f"http://127.0.0.1:{forward}/", timeout=60) as reply:
             assert reply.read() == b"hello-from-the-guest\n"
         passts = _children_named(vmm.pid, "passt")
-        assert len(passts) == 1, passts
+        assert len(passts) == 2, passts  # one per NIC
     finally:
         vmm.kill()  # the hardest way out: passt must still go (its socket pair closes)
         vmm.wait()
         server.shutdown()
-    deadline = time.monotonic() + 10
-    while passts and time.monotonic() < deadline and os.path.exists(f"/proc/{passts[0]}"):
+    def gone(pid: int) -> bool:  # not our child: /proc tells when it is gone (or a zombie)
         try:
-            os.waitpid(passts[0], os.WNOHANG)  # not our child: /proc tells when it is gone
-        except ChildProcessError:
-            pass
+            return open(f"/proc/{pid}/stat").read().split(")")[1].split()[0] == "Z"
+        except OSError:
+            return True
+
+    deadline = time.monotonic() + 10
+    while not all(map(gone, passts)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not os.path.exists(f"/proc/{passts[0]}") or \
-        open(f"/proc/{passts[0]}/stat").read().split(")")[1].split()[0] == "Z"
+    assert passts and all(map(gone, passts))
