@@ -121,6 +121,18 @@ def test_guest_pings_and_exchanges_tcp_with_the_host_byte_for_byte(namespace, tm
     print(f"boot, ping and 400 KB over TCP: {elapsed:.1f} s")
 
 
+def test_tap_without_a_name_gets_one_from_the_kernel_and_says_which(namespace):
+    """vmmtap0 is the fixture's: the kernel takes the next free vmmtapN, gone after the run."""
+    guest = subprocess.run(
+        ["ip", "netns", "exec", namespace, sys.executable, "-m", "vmm", "run", "--net", "tap",
+         "--", "sh", "-c", "ip -o link show eth0 | grep -o 'link/ether [0-9a-f:]*'"],
+        capture_output=True, text=True, timeout=BOOT_TIMEOUT)
+    assert (guest.returncode, guest.stdout) == (0, "link/ether 52:54:00:12:34:56\n"), guest.stderr
+    assert "vmm: --net tap: eth0 is on the host's TAP device vmmtap1\n" in guest.stderr
+    links = subprocess.run(["ip", "-n", namespace, "-o", "link"], capture_output=True, text=True)
+    assert "vmmtap1" not in links.stdout  # not persistent: it went with vmm
+
+
 def test_a_bad_tap_name_is_one_line_and_no_boot():
     result = subprocess.run([sys.executable, "-m", "vmm", "run", "--net",
                              "tap=a-name-much-too-long", "--", "true"],

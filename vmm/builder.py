@@ -253,8 +253,19 @@ def build_linux_vm(
         undo.callback(machine.close)
         guest = _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd,
                                initrd_path, output, events, mailbox)
+        _name_new_tap_devices(machine, config, progress)
         undo.pop_all()  # success: the caller closes the machine
         return guest
+
+
+def _name_new_tap_devices(machine: Machine, config: VmConfig, progress) -> None:
+    """``--net tap`` without a name: the kernel chose one, which the user needs (ip addr ...)."""
+    unnamed = [i for i, net in enumerate(config.nets) if net.backend == "tap" and not net.name]
+    if not unnamed:
+        return
+    backends = {m.name: m.device.device.backend for m in machine.mmio.mappings()}
+    for i in unnamed:
+        progress(f"--net tap: eth{i} is on the host's TAP device {backends[f'virtio-net{i}'].name}")
 
 
 def create_linux_machine(config: VmConfig, memory: GuestMemory) -> Machine:

@@ -92,9 +92,7 @@ def attach_net_devices(
     for i, net in enumerate(nets):
         mac = parse_mac(net.mac) if net.mac else default_mac(i)
         if net.backend == "tap":
-            backend = TapBackend(net.name or DEFAULT_TAP_NAME)
-            if not net.name and trace is not None:
-                trace(f"virtio-net{i}: TAP device {backend.name}")
+            backend = TapBackend(net.name or DEFAULT_TAP_NAME)  # builder: says the name
         else:
             backend = PasstBackend(mac, net.forwards)
         machine.closers.append(backend.close)  # closers run in reverse: after the I/O thread
