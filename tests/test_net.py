@@ -214,3 +214,61 @@ def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp
     while not all(map(gone, passts)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert passts and all(map(gone, passts))
+
+
+# --- a VM with a NIC starts from a snapshot too ---------------------------------------------------
+def _run_twice(prefix: list[str], net: str, script: str, tmp_path) -> list[tuple[str, str, dict]]:
+    """Two runs of the same guest: (start, stdout, the NIC's counters) of each."""
+    import json
+
+    runs = []
+    for i in range(2):
+        metrics = tmp_path / f"metrics{i}.json"
+        result = subprocess.run([*prefix, sys.executable, "-m", "vmm", "run", "--net", net,
+                                 "--metrics", str(metrics), "--", "sh", "-c", script],
+                                capture_output=True, text=True, timeout=BOOT_TIMEOUT)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(metrics.read_text())
+        runs.append((data["start"], result.stdout, data["devices"]["virtio-net0"]))
+    return runs
+
+
+def _http_server(directory, address: str, prefix: list[str]) -> subprocess.Popen:
+    server = subprocess.Popen([*prefix, sys.executable, "-m", "http.server", "18779", "--bind",
+                               address, "--directory", str(directory)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    return server
+
+
+def test_a_run_with_passt_starts_from_its_snapshot_and_its_network_works(tmp_path):
+    """The snapshot holds the NIC and its posted buffers; passt is started anew for the run."""
+    blob = random.Random(13).randbytes(120_000)
+    (tmp_path / "blob").write_bytes(blob)
+    server = _http_server(tmp_path, "127.0.0.1", [])
+    try:
+        runs = _run_twice([], "user", "wget -q -O - http://10.0.2.2:18779/blob | md5sum", tmp_path)
+    finally:
+        server.kill()
+    assert runs[1][0] == "restored"
+    for start, out, nic in runs:
+        assert out.split()[0] == hashlib.md5(blob).hexdigest(), start
+        assert nic["offloads"] == "mrg_rxbuf,csum,guest_csum" and nic["checksums_completed"] > 0
+
+
+def test_a_run_with_a_tap_device_starts_from_its_snapshot_with_its_offloads(namespace, tmp_path):
+    """Restored, the NIC tells the new TAP device what the driver took (TUNSETOFFLOAD): the
+    host kernel then sends 64 KiB segments again, and the data arrives whole."""
+    blob = random.Random(17).randbytes(300_000)
+    (tmp_path / "blob").write_bytes(blob)
+    prefix = ["ip", "netns", "exec", namespace]
+    server = _http_server(tmp_path, HOST, prefix)
+    try:
+        runs = _run_twice(prefix, f"tap=vmmtap0,ip={GUEST}/24,gw={HOST}",
+                          f"wget -q -O - http://{HOST}:18779/blob | md5sum", tmp_path)
+    finally:
+        server.kill()
+    assert runs[1][0] == "restored"
+    for start, out, nic in runs:
+        assert out.split()[0] == hashlib.md5(blob).hexdigest(), start
+        assert nic["segmented_received"] > 0, (start, nic)

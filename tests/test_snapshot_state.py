@@ -232,7 +232,7 @@ def test_state_file_round_trip() -> None:
     (lambda d: d + b"junk", "after the end"),
     (lambda d: b"NOTASNAP" + d[8:], "not a vmm snapshot"),
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum mismatch"),
-    (lambda d: d[:8] + struct.pack("<I", FORMAT_VERSION + 1) + d[12:], "format 3, this vmm reads format 2"),
+    (lambda d: d[:8] + struct.pack("<I", FORMAT_VERSION + 1) + d[12:], "format 4, this vmm reads format 3"),
 ])
 def test_bad_state_files_are_one_clear_error(mangle, why) -> None:
     with pytest.raises(SnapshotError, match=why) as error:

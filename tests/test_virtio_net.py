@@ -389,8 +389,8 @@ def test_net_with_restore_is_refused_before_anything_starts(tmp_path):
                              "--net", "user", "--", "true"], capture_output=True, text=True)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines() == [
-        "vmm: --net with --restore: a snapshot has no NIC, and one cannot be added to a "
-        "restored VM yet (a run with --net boots cold)"]
+        "vmm: --net with --restore: a VM with a NIC starts from the snapshot that the same "
+        "`vmm run --net ...` saved (its warm start), not from --restore"]
 
 
 # --- mergeable receive buffers, through the real transport and a mock driver ----------------------

@@ -222,7 +222,7 @@ class VmmBzImageContender(VmmContender):
 
 
 class VmmNetUserContender(VmmContender):
-    """`vmm run --net user`: a NIC on passt; boots cold (a run with --net always does)."""
+    """`vmm run --cold --net user`: a NIC on passt, booted from scratch as ``vmm`` is."""
 
     name = "vmm-net-user"
     label = "vmm --net user (passt), cold"

@@ -27,8 +27,7 @@ MACHINE_OPTIONS = [
                  help="A virtio-net NIC (repeatable; eth0, eth1...): user-mode networking through "
                       "passt (10.0.2.15, gateway 10.0.2.2 = the host's loopback, DNS 10.0.2.3), or a TAP device "
                       "(ip=/gw=/dns= configure the guest; no NAME: the kernel names it vmmtapN); "
-                      "offload=off: no checksum or segmentation offloads. A run with --net "
-                      "boots cold."),
+                      "offload=off: no checksum or segmentation offloads."),
     click.option("--root", metavar="DEV",
                  help="Run the command inside this disk's file system (e.g. /dev/vda)."),
     click.option("--virtio-notify", default="ioeventfd", show_default=True,
@@ -118,8 +117,8 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_
     if firmware and (profile_options or initcalls or restore):
         raise UsageError("--profile/--initcalls/--restore: only for Linux guests, not --firmware")
     if restore and any(n != "none" for n in nets):
-        raise UsageError("--net with --restore: a snapshot has no NIC, and one cannot be added "
-                         "to a restored VM yet (a run with --net boots cold)")
+        raise UsageError("--net with --restore: a VM with a NIC starts from the snapshot that "
+                         "the same `vmm run --net ...` saved (its warm start), not from --restore")
     if restore and (cold or kernel or initrd or cmdline or root or console_log or initcalls):
         raise UsageError("--restore: the snapshot fixes the kernel, initrd and command line "
                          "(no --cold, --kernel, --initrd, --cmdline, --root, --console-log, --initcalls)")

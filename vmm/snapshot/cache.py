@@ -46,8 +46,6 @@ def warm_start_possible(config: VmConfig) -> str | None:
     """None if this run can use a cached snapshot; else why it boots cold."""
     if config.firmware:
         return "firmware payloads boot in microseconds"
-    if config.nets:
-        return "a NIC's backend (a TAP device, passt) is outside the VM: a run with --net boots cold"
     writable = [d.path for d in config.disks if not d.read_only]
     if writable:
         return f"disk {writable[0]} is writable: its content changes with every run"
@@ -91,6 +89,9 @@ def cache_key(config: VmConfig, kernel: Path, initrd: Path | None, host) -> str:
         "virtio_notify": config.virtio_notify,
         "stderr_uart": config.stderr_uart,
         "disks": [[identity(Path(d.path)), d.read_only, d.serial] for d in config.disks],
+        # What the guest saw of each NIC (its kernel configured eth<i> from it); not the
+        # host's side, which each run makes anew: a TAP device's name, passt's forwards.
+        "nets": [[n.backend, n.ip, n.gateway, n.dns, n.mac, n.offload] for n in config.nets],
         "host": [host.flavour, host.cpuid_digest, os.uname().release],
     }
     return hexdigest(json.dumps(facts, sort_keys=True).encode(), 10)

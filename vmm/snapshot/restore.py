@@ -56,6 +56,10 @@ def restore_config(snapshot: Snapshot, config: VmConfig, *, mem_given: bool, cpu
         if given != [(d.path, d.read_only, d.serial) for d in disks]:
             saved = ", ".join(d.path + (",ro" if d.read_only else "") for d in disks) or "none"
             raise SnapshotError(f"--disk: the snapshot's VM has these disks: {saved}")
+    if len(config.nets) != meta.nics:
+        raise SnapshotError(f"the snapshot's VM has {meta.nics} NIC(s), this run {len(config.nets)} "
+                            "(a VM with a NIC restores only as the warm start of the same "
+                            "`vmm run --net ...`)")
     return replace(config, mem=meta.mem, cpus=meta.cpus, disks=disks,
                    virtio_notify=meta.virtio_notify,
                    stderr_uart=snapshot.devices.stderr_serial is not None)
@@ -167,5 +171,8 @@ def restore_devices(devices, snapshot: Snapshot) -> None:
         raise ValueError("the second UART (stderr) is in the snapshot or in this VM, not both")
     if devices.stderr_serial is not None:
         devices.stderr_serial.restore(saved.stderr_serial)
-    for transport, state in zip(devices.virtio, saved.virtio, strict=True):
+    if len(devices.virtio) != len(saved.virtio):
+        raise ValueError(f"the snapshot has {len(saved.virtio)} virtio devices (disks, then "
+                         f"NICs), this VM {len(devices.virtio)}")
+    for transport, state in zip(devices.virtio, saved.virtio):
         transport.restore(state)

@@ -87,6 +87,7 @@ def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stor
         memory_stored=memory_stored,
         disks=disks if disks is not None else tuple(
             DiskRecord(FileIdentity.of(d.path), d.read_only, d.serial) for d in config.disks),
+        nics=len(config.nets),
         virtio_notify=config.virtio_notify,
         mailbox=tuple(mailbox),
         capabilities=caps,
@@ -129,9 +130,6 @@ def save_snapshot(directory: Path, guest, config: VmConfig, mailbox: list[tuple[
     restored on a copy of the copy (vmm/oci/imagebase.py).
     """
     start = time.perf_counter()
-    if config.nets:
-        raise SnapshotError("a VM with a NIC (--net) cannot be saved yet: its backend, a TAP "
-                            "device and its frames in flight, is outside the VM")
     directory = Path(directory)
     if not replace:
         check_target(directory)

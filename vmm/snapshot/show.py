@@ -56,6 +56,7 @@ def describe(snapshot: Snapshot, directory: Path) -> str:
         "  disks             " + (", ".join(
             f"{d.file.path} ({d.file.size} bytes{', read-only' if d.read_only else ''})"
             for d in meta.disks) or "none"),
+        f"  NICs              {meta.nics or 'none'} (virtio-net; backends made anew at restore)",
         f"  mailbox           /init's request buffer: {sum(n for _, n in meta.mailbox)} bytes in "
         f"{len(meta.mailbox)} guest-physical piece(s), first at {meta.mailbox[0][0]:#x}"
         if meta.mailbox else "  mailbox           none",

@@ -119,6 +119,7 @@ class SnapshotMeta:
     memory_size: int  # the memory file's size: the sum of the regions
     memory_stored: int  # bytes of it that are data, not holes
     disks: tuple[DiskRecord, ...]
+    nics: int  # virtio-net devices after the disks (their backends are made anew at restore)
     virtio_notify: str
     mailbox: tuple[tuple[int, int], ...]  # the request buffer: (guest-physical address, length)
     capabilities: Capabilities
@@ -130,7 +131,7 @@ class DeviceStates:
     rtc: RtcState
     i8042: I8042State
     mailbox: MailboxState
-    virtio: tuple[TransportState, ...]  # one per disk, in --disk order
+    virtio: tuple[TransportState, ...]  # one per disk, in --disk order, then one per NIC
     stderr_serial: SerialState | None  # ttyS1, in a VM with VmConfig.stderr_uart
 
 
@@ -176,7 +177,7 @@ class Snapshot:
         if unknown:
             raise SnapshotError(f"{name}: unexpected section {unknown[0]!r}")
         devices = load("devices", DeviceStates)
-        if len(devices.virtio) != len(meta.disks):
+        if len(devices.virtio) != len(meta.disks) + meta.nics:
             raise SnapshotError(f"{name}: {len(devices.virtio)} virtio states for "
-                                f"{len(meta.disks)} disks")
+                                f"{len(meta.disks)} disks and {meta.nics} NICs")
         return cls(meta, load("vm", VmState), vcpus, devices)
