@@ -210,7 +210,7 @@ class VirtioBlock:
         """Do one request; returns the bytes written into the chain (used.len)."""
         self.requests += 1
         readable, writable = chain.readable, chain.writable
-        writable_len = sum(b.len for b in writable)
+        writable_len = chain.writable_len
         if writable_len == 0:
             self._fail("no status byte")
             return 0  # nowhere to say it failed: the used entry with length 0 says it

@@ -402,8 +402,7 @@ class VirtioMmioTransport:
         try:
             used = fill(take, self.memory)
         except ChainError as e:
-            self.stats.chain_errors += 1
-            self._error(f"malformed chain: {type(e).__name__}", str(e))
+            self.server.malformed(e)
             return [(chain.head, 0) for chain in taken] + [(e.head, 0)]
         if used is None:
             if len(taken) >= queue.size:  # the whole ring cannot hold it: it never will

@@ -86,8 +86,6 @@ class GsoType(enum.IntEnum):
     TCPV6 = 4
 
 
-GSO_ECN = 0x80  # a bit of gso_type (VIRTIO_NET_F_HOST_ECN, not offered)
-
 HEADER = struct.Struct("<BBHHHHH")  # virtio_net_hdr_v1: flags, gso_type, hdr_len, gso_size,
 #                                     csum_start, csum_offset, num_buffers
 ETHERNET_HEADER = 14
@@ -264,7 +262,7 @@ class VirtioNet:
         if queue_index != TX:
             return 0
         readable = chain.readable
-        total = sum(b.len for b in readable)
+        total = chain.readable_len
         if chain.writable:
             self.dropped["tx_writable_buffer"] += 1
             return 0
@@ -392,7 +390,7 @@ class VirtioNet:
         chain = take()
         if chain is None:
             return None
-        if chain.readable or sum(b.len for b in chain.writable) < len(data):
+        if chain.readable or chain.writable_len < len(data):
             self.dropped["rx_buffer_too_small"] += 1
             return [(chain.head, 0)]
         if not self._write(chain, memory, data):
@@ -403,24 +401,24 @@ class VirtioNet:
     def _fill_merged(self, take, memory: GuestMemory, data: bytes) -> list[tuple[int, int]] | None:
         """MRG_RXBUF: header and frame across as many receive chains as it takes, the header's
         num_buffers saying how many (spec 5.1.6.4.2); None when too few are posted."""
-        chains: list[DescriptorChain] = []
+        chains: list[tuple[DescriptorChain, int]] = []  # and the bytes each can take
         room = 0
         while room < len(data):
             chain = take()
             if chain is None:
                 return None
-            chains.append(chain)
-            size = sum(b.len for b in chain.writable)
-            if chain.readable or size == 0:  # the device cannot write it: the frame is lost
+            capacity = chain.writable_len
+            chains.append((chain, capacity))
+            if chain.readable or capacity == 0:  # the device cannot write it: the frame is lost
                 self.dropped["rx_bad_buffer"] += 1
-                return [(c.head, 0) for c in chains]
-            room += size
+                return [(c.head, 0) for c, _ in chains]
+            room += capacity
         data = data[:HEADER.size - 2] + struct.pack("<H", len(chains)) + data[HEADER.size:]
         used, offset = [], 0
-        for chain in chains:
-            size = min(sum(b.len for b in chain.writable), len(data) - offset)
+        for chain, capacity in chains:
+            size = min(capacity, len(data) - offset)
             if not self._write(chain, memory, data[offset:offset + size]):
-                return [(c.head, 0) for c in chains]
+                return [(c.head, 0) for c, _ in chains]
             used.append((chain.head, size))
             offset += size
         self._received(data)

@@ -142,6 +142,14 @@ class DescriptorChain:
     def writable(self) -> list[Buffer]:
         return [b for b in self.buffers if b.is_write]
 
+    @property
+    def readable_len(self) -> int:
+        return sum(b.len for b in self.buffers if not b.is_write)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(b.len for b in self.buffers if b.is_write)
+
     def __len__(self) -> int:
         return len(self.buffers)
 

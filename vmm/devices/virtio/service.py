@@ -73,9 +73,13 @@ class QueueServer:
             try:
                 return queue.pop()
             except ChainError as e:
-                self.stats.chain_errors += 1
-                self._error(f"malformed chain: {type(e).__name__}", str(e))
+                self.malformed(e)
                 queue.add_used(e.head, 0)
+
+    def malformed(self, error: ChainError) -> None:
+        """Count and report a malformed chain (its return to the driver is the caller's)."""
+        self.stats.chain_errors += 1
+        self._error(f"malformed chain: {type(error).__name__}", str(error))
 
     def serve(self, queue_index: int, queue: Queue) -> bool:
         """Every available chain, done and returned; True when the driver wants an interrupt.
