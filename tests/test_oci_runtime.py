@@ -316,6 +316,44 @@ def test_kill_stops_a_running_container_with_the_signals_status(tmp_path):
     assert _wait(pid, 30) == -9 and not (root / "c3").exists()  # SIGKILL
 
 
+@pytest.mark.boot
+@pytest.mark.kvm
+def test_a_hostile_images_links_keep_volumes_and_mounts_inside_its_root(tmp_path):
+    """An image whose links aim at the host: the volumes land where runc puts them, inside.
+
+    ``data -> CANARY`` under a bind at /data/x, ``etc/hosts -> CANARY/hosts`` under a
+    file bind, and ``run -> /elsewhere`` under config.json's tmpfs at /run (made by
+    the guest's /init: it must follow the link inside the container's root too).
+    """
+    from tests.test_oci_inroot import listing
+
+    set_child_subreaper()
+    canary = tmp_path / "canary"
+    (canary / "keep").mkdir(parents=True)
+    (canary / "keep" / "file").write_text("host data\n")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "payload").write_text("the user's volume\n")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 box\n")
+    script = "cat /data/x/payload /etc/hosts; grep -c '^tmpfs /elsewhere ' /proc/mounts"
+    bundle = make_bundle(tmp_path / "bundle", ["sh", "-c", script])
+    rootfs = bundle / "rootfs"
+    (rootfs / "etc").mkdir(exist_ok=True)
+    (rootfs / "data").symlink_to(canary)
+    (rootfs / "etc" / "hosts").symlink_to(canary / "hosts")
+    (rootfs / "run").symlink_to("/elsewhere")
+    config = json.loads((bundle / "config.json").read_text())
+    config["mounts"] += [
+        {"destination": "/data/x", "type": "bind", "source": str(volume), "options": ["rbind"]},
+        {"destination": "/etc/hosts", "type": "bind", "source": str(hosts), "options": ["rbind"]}]
+    (bundle / "config.json").write_text(json.dumps(config))
+    before = listing(canary)
+    status, output, log = _run_container(tmp_path / "state", bundle, "hostile", tmp_path / "out")
+    assert (status, output) == (0, "the user's volume\n127.0.0.1 box\n1\n"), log
+    assert listing(canary) == before
+
+
 def test_record_round_trips(tmp_path):
     store = Store(tmp_path)
     _, record = store.reserve("x", tmp_path)

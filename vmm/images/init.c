@@ -27,6 +27,7 @@
  * Built with musl-gcc -static (about 20 KiB) when available: every byte of
  * the initramfs costs unpack time in the guest.
  */
+#define _GNU_SOURCE  /* O_PATH with glibc (musl has it anyway) */
 #include <errno.h>
 #include <limits.h>
 #include <stdint.h>
@@ -477,26 +478,64 @@ static int parse_settings(char *p, char *end, struct container *c)
     return 0;
 }
 
-/* mkdir -p of path (a private copy: the child may not touch shared buffers). */
-static void make_dirs(const char *path)
+/*
+ * mkdir -p of a mount point that follows symlinks, dangling ones included, and
+ * makes the directories where they lead, as runc does. Called chrooted in the
+ * container's root, so an absolute link starts from that root and ".." stops
+ * at it. `path` is the part resolved so far, `rest` what is left to walk.
+ */
+static void make_mount_point(const char *target)
 {
-    char buf[PATH_MAX];
-    size_t len = strlen(path);
-    if (len >= sizeof(buf))
+    char path[PATH_MAX] = "", rest[PATH_MAX], link[PATH_MAX];
+    int links = 0;
+    if (snprintf(rest, sizeof(rest), "%s", target) >= (int)sizeof(rest))
         return;
-    memcpy(buf, path, len + 1);
-    for (char *s = buf + 1; *s; s++) {
-        if (*s == '/') {
-            *s = '\0';
-            mkdir(buf, 0755);
-            *s = '/';
+    char *next = rest;
+    while (*next) {
+        while (*next == '/')
+            next++;
+        char *end = next + strcspn(next, "/");
+        size_t len = (size_t)(end - next), at = strlen(path);
+        if (len == 0 || (len == 1 && next[0] == '.')) {
+            next = end;
+            continue;
         }
+        if (len == 2 && next[0] == '.' && next[1] == '.') {
+            char *last = strrchr(path, '/');  /* NULL at the root: ".." stops there */
+            if (last)
+                *last = '\0';
+            next = end;
+            continue;
+        }
+        if (at + 1 + len >= sizeof(path))
+            return;
+        path[at] = '/';
+        memcpy(path + at + 1, next, len);
+        path[at + 1 + len] = '\0';
+        struct stat st;
+        if (lstat(path, &st) < 0) {
+            if (errno != ENOENT || mkdir(path, 0755) < 0)
+                return;
+        } else if (S_ISLNK(st.st_mode)) {
+            ssize_t n = readlink(path, link, sizeof(link) - 1);
+            if (n <= 0 || ++links > 40)
+                return;
+            link[n] = '\0';
+            path[link[0] == '/' ? 0 : at] = '\0';  /* absolute: from the root */
+            if ((size_t)n + 1 + strlen(end) >= sizeof(rest))
+                return;
+            memmove(rest + n + 1, end, strlen(end) + 1);  /* the link's target, then the rest */
+            memcpy(rest, link, (size_t)n);
+            rest[n] = '/';
+            next = rest;
+            continue;
+        }
+        next = end;
     }
-    mkdir(buf, 0755);
 }
 
 /* What runc puts in a container's /dev when config.json mounts a tmpfs there. */
-static void populate_dev(const char *dev)  /* "/newroot/dev" */
+static void populate_dev(const char *dev)  /* "/dev", inside the container's root */
 {
     static const struct { const char *name; unsigned major, minor; } nodes[] = {
         {"null", 1, 3}, {"zero", 1, 5}, {"full", 1, 7}, {"random", 1, 8}, {"urandom", 1, 9},
@@ -516,12 +555,6 @@ static void populate_dev(const char *dev)  /* "/newroot/dev" */
         snprintf(path, sizeof(path), "%s/%s", dev, links[i].name);
         symlink(links[i].to, path);
     }
-    /* The very console our stdio is open on (as runc bind-mounts the pty), so that
-     * ttyname() finds the same inode: a process can tell its terminal. Through
-     * /proc/self/fd/0: the kernel opened the initramfs's own /dev/console for us,
-     * which the devtmpfs on /dev now hides. */
-    snprintf(path, sizeof(path), "%s/console", dev);
-    mount("/proc/self/fd/0", path, NULL, MS_BIND, NULL);
 }
 
 static void fail(const char *what, const char *detail)
@@ -568,33 +601,57 @@ static void open_container_stderr(void)
  */
 static void prepare_root(const struct container *c)
 {
-    char path[PATH_MAX];
     if (c->wait_root)
         wait_for_disk(c->root);
     mount_root(c->root, c->root_ro);
+    /* The mounts and the read-ahead from inside the container's root (chroot),
+     * so that the image's symlinks and ".." resolve as they will for the
+     * container and never into the initramfs: what runc gets from
+     * openat2(RESOLVE_IN_ROOT). `outside` brings init back. */
+    int outside = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC), dev = -1;
+    if (outside < 0 || chroot("/newroot") < 0 || chdir("/") < 0) {
+        dprintf(2, "vmm-init: chroot /newroot: %s\n", strerror(errno));
+        finish(126);
+    }
     for (int i = 0; i < c->mountc; i++) {
         const struct container_mount *m = &c->mounts[i];
-        snprintf(path, sizeof(path), "/newroot%s", m->target);
-        if (mkdir(path, 0755) < 0 && errno == ENOENT)  /* one system call when the parent exists */
-            make_dirs(path);
-        if (mount(m->source, path, m->type, m->flags, m->data[0] ? m->data : NULL) < 0) {
+        struct stat st;  /* one system call when the parent exists */
+        if (mkdir(m->target, 0755) < 0 && stat(m->target, &st) < 0)  /* missing, or a dangling link */
+            make_mount_point(m->target);
+        if (mount(m->source, m->target, m->type, m->flags, m->data[0] ? m->data : NULL) < 0) {
             dprintf(2, "vmm-init: mount %s: %s\n", m->target, strerror(errno));
             finish(126);
         }
-        if (!strcmp(m->type, "tmpfs") && !strcmp(m->target, "/dev"))
-            populate_dev(path);
+        if (!strcmp(m->type, "tmpfs") && !strcmp(m->target, "/dev")) {
+            populate_dev(m->target);
+            dev = open(m->target, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        }
     }
-    open_container_stderr();
     /* Read ahead, not read: the blocks go from the disk into the page cache
      * with no copy into this process (a copy is emulated work on PVM). */
     for (int i = 0; i < c->preloadc; i++) {
-        snprintf(path, sizeof(path), "/newroot%s", c->preload[i]);
-        int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+        int fd = open(c->preload[i], O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         if (fd >= 0) {
             posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
             close(fd);
         }
     }
+    if (fchdir(outside) < 0 || chroot(".") < 0) {
+        dprintf(2, "vmm-init: back from /newroot: %s\n", strerror(errno));
+        finish(126);
+    }
+    /* The very console our stdio is open on (as runc bind-mounts the pty), so that
+     * ttyname() finds the same inode: a process can tell its terminal. Through
+     * the initramfs's /proc/self/fd/0 (the container may mount no /proc): the
+     * kernel opened the initramfs's own /dev/console for us, which the devtmpfs
+     * on /dev now hides. */
+    if (dev >= 0 && fchdir(dev) == 0)
+        mount("/proc/self/fd/0", "console", NULL, MS_BIND, NULL);
+    if (dev >= 0)
+        close(dev);
+    close(outside);
+    chdir("/");
+    open_container_stderr();
 }
 
 /*

@@ -5,7 +5,9 @@
   copied in at their destinations: the guest cannot see the host's files, so a
   bind mount is a copy taken at ``create`` (read-only ones behave the same;
   writes to a read-write one stay in the container). Writes go to the image,
-  not to ``root.path``.
+  not to ``root.path``. Each destination is resolved *inside* a private copy of
+  the root (vmm/oci/inroot.py): the image's symlinks cannot send a volume out
+  of it onto the host.
 * The root and the process go to /init as "key=value" settings
   (vmm/images/init.c, ``parse_settings``) in two mailbox requests: the root's
   (the disk, the kernel mounts with their options already split into MS_*
@@ -19,10 +21,12 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
 
+from vmm.oci import inroot
 from vmm.oci.spec import BundleError, ContainerSpec, MountKind
 
 ROOT_DEVICE = "/dev/vda"  # the rootfs image is the guest's first (only) disk
@@ -154,14 +158,68 @@ def check_limits(spec: ContainerSpec) -> None:
 
 
 def tree_size(root: Path) -> int:
-    total = 0
-    for directory, dirs, files in os.walk(root):
-        for name in files + dirs:
-            try:
-                total += os.lstat(os.path.join(directory, name)).st_size
-            except OSError:
-                pass
-    return total
+    """The bytes under ``root``, never following a link (an upper bound for the image)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return sum(entry.info.st_size for entry in inroot.walk(fd))
+    finally:
+        os.close(fd)
+
+
+def _copy(source: str | Path, target: str, pass_fds: tuple[int, ...] = ()) -> None:
+    """``cp -a`` of ``source`` to the new name ``target``: owners, modes, times, xattrs, hard
+    links and device nodes kept, symlinks copied as symlinks; ``source`` itself followed."""
+    cp = shutil.which("cp") or "/bin/cp"
+    result = subprocess.run([cp, "-a", "-H", "-T", "--", str(source), target],
+                            pass_fds=pass_fds, capture_output=True, text=True)
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["?"])[0]
+        raise BundleError(f"{source}: cannot copy into the container's root: {first}")
+
+
+def _bind(spec: ContainerSpec, root: int, mount) -> None:
+    """Put a copy of the bind mount's source where the mount would be, inside ``root``.
+
+    The destination is resolved inside the root (vmm/oci/inroot.py): the image's
+    symlinks and ".." are followed as the container will follow them, and never out
+    of it. What the image had there goes, as a mount hides what lies beneath it.
+    """
+    where = f"{spec.bundle}/config.json: mount {mount.destination}"
+    source_is_dir = os.path.isdir(mount.source)  # the user's: a link there is followed
+    try:
+        with inroot.place(root, mount.destination) as spot:
+            if spot.path == "/proc" or spot.path.startswith("/proc/"):
+                raise BundleError(f"{where}: lands on {spot.path} in the image; "
+                                  "a bind mount into /proc is refused, as runc refuses it")
+            if spot.existing is not None:
+                there_is_dir = stat.S_ISDIR(spot.existing.st_mode)
+                if there_is_dir != source_is_dir:
+                    kinds = ("a file", "a directory")
+                    raise BundleError(f"{where}: the image has {kinds[there_is_dir]} at "
+                                      f"{spot.path}, the source is {kinds[source_is_dir]}")
+                if there_is_dir:
+                    shutil.rmtree(spot.name, dir_fd=spot.parent)
+                else:
+                    os.unlink(spot.name, dir_fd=spot.parent)
+            _copy(mount.source, spot.host_path, pass_fds=(spot.parent,))
+    except inroot.RootPathError as e:
+        raise BundleError(f"{where}: {e}") from None
+    except OSError as e:
+        raise BundleError(f"{where}: {e.strerror or e}") from None
+
+
+def stage_root(spec: ContainerSpec, staging: Path) -> Path:
+    """The directory the root disk is made of: ``root.path`` itself, or, with bind
+    mounts, a copy of it in ``staging`` (private to us) with their sources in place."""
+    binds = [m for m in spec.mounts if m.kind is MountKind.BIND]
+    if not binds:
+        return spec.root
+    staged = staging / "root"
+    _copy(spec.root, str(staged))
+    with inroot.open_root(staged) as root:
+        for mount in binds:
+            _bind(spec, root, mount)
+    return staged
 
 
 def build_root_image(spec: ContainerSpec, image: Path) -> int:
@@ -169,20 +227,12 @@ def build_root_image(spec: ContainerSpec, image: Path) -> int:
     mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
     if not Path(mkfs).exists():
         raise BundleError("mkfs.ext4 not found: install e2fsprogs")
-    binds = [m for m in spec.mounts if m.kind is MountKind.BIND]
     with tempfile.TemporaryDirectory(dir=image.parent) as staging:
-        source = spec.root
-        if binds:  # the rootfs with the bind sources copied over it
-            source = Path(staging) / "root"
-            shutil.copytree(spec.root, source, symlinks=True)
-            for mount in binds:
-                target = source / mount.destination.lstrip("/")
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if Path(mount.source).is_dir():
-                    shutil.copytree(mount.source, target, symlinks=True, dirs_exist_ok=True)
-                else:
-                    shutil.copy2(mount.source, target)
-        size = max(MIN_IMAGE, -(-(tree_size(source) * 5 // 4 + FREE_SPACE) // MiB) * MiB)
+        source = stage_root(spec, Path(staging))
+        try:
+            size = max(MIN_IMAGE, -(-(tree_size(source) * 5 // 4 + FREE_SPACE) // MiB) * MiB)
+        except (OSError, inroot.RootPathError) as e:
+            raise BundleError(f"{spec.root}: cannot read the container's root: {e}") from None
         with open(image, "wb") as f:
             f.truncate(size)
         result = subprocess.run([mkfs, "-q", "-F", "-L", "container", "-O", MKFS_FEATURES_OFF,

@@ -35,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vmm.digest import hasher, hexdigest
-from vmm.oci.spec import ContainerSpec, MountKind
+from vmm.oci import inroot
+from vmm.oci.spec import BundleError, ContainerSpec, MountKind
 
 PRELOAD_BYTES = 16 << 20  # at most this much of the root read ahead (and at most 1/8 of RAM)
 _CHUNK = 1 << 20
@@ -53,24 +54,27 @@ def _loadable(name: str, info: os.stat_result) -> bool:
 
 
 class _Scanner:
+    """Every entry of a tree, read through descriptors that never follow the image's links."""
+
     def __init__(self, preload_budget: int) -> None:
         self.hash = hasher(16)
         self.seen: dict[tuple[int, int], str] = {}  # hard links: (device, inode) -> first path
         self.preload: list[str] = []
         self.budget = preload_budget
 
-    def entry(self, guest_path: str, host_path: str, *, mtime: bool = True) -> None:
-        info = os.lstat(host_path)
+    def entry(self, guest_path: str, entry: inroot.Entry, *, mtime: bool = True) -> None:
+        info = entry.info
         mode = info.st_mode
         record = [guest_path, f"{mode:o}", info.st_uid, info.st_gid,
                   info.st_mtime_ns if mtime else 0]
         try:
-            names = sorted(os.listxattr(host_path, follow_symlinks=False))
+            names = sorted(os.listxattr(entry.host_path, follow_symlinks=False))
         except OSError:
             names = []
         for name in names:
             try:
-                record.append([name, os.getxattr(host_path, name, follow_symlinks=False).hex()])
+                value = os.getxattr(entry.host_path, name, follow_symlinks=False)
+                record.append([name, value.hex()])
             except OSError:
                 pass
         identity = (info.st_dev, info.st_ino)
@@ -78,50 +82,67 @@ class _Scanner:
             record.append(["link", self.seen[identity]])
         elif stat.S_ISREG(mode):
             self.seen[identity] = guest_path
-            record.append(self._content(host_path, info.st_size))
+            record.append(self._content(entry))
             if (info.st_size and self.budget >= info.st_size
-                    and _loadable(os.path.basename(guest_path), info)):
+                    and _loadable(entry.name, info)):
                 self.preload.append(guest_path)
                 self.budget -= info.st_size
         elif stat.S_ISLNK(mode):
-            record.append(os.readlink(host_path))
+            record.append(os.readlink(entry.name, dir_fd=entry.parent))
         elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             record.append(info.st_rdev)
         self.hash.update(json.dumps(record).encode() + b"\n")
 
     @staticmethod
-    def _content(path: str, size: int) -> str:
+    def _content(entry: inroot.Entry) -> str:
         content = hasher(16)
-        with open(path, "rb") as f:
+        with os.fdopen(entry.open(), "rb") as f:
             while chunk := f.read(_CHUNK):
                 content.update(chunk)
-        return f"{size}:{content.hexdigest()}"
+        return f"{entry.info.st_size}:{content.hexdigest()}"
 
     def tree(self, guest_top: str, host_top: str) -> None:
         """``host_top`` and everything under it, named as the guest will see it.
 
-        Not the root directory's own mtime: containerd's rootfs is an overlay
-        whose top directory is the container's new upper directory.
+        ``host_top`` itself is followed (root.path and a bind source are the
+        caller's, as runc follows them); nothing beneath it is. Not the root
+        directory's own mtime: containerd's rootfs is an overlay whose top
+        directory is the container's new upper directory.
         """
-        self.entry(guest_top, host_top, mtime=guest_top != "/")
-        if not os.path.isdir(host_top) or os.path.islink(host_top):
-            return
-        for directory, dirs, files in os.walk(host_top):
-            dirs.sort()
-            relative = os.path.relpath(directory, host_top)
-            base = guest_top.rstrip("/") + ("" if relative == "." else "/" + relative)
-            for name in sorted(dirs + files):
-                self.entry(f"{base}/{name}", os.path.join(directory, name))
+        top = os.path.realpath(host_top)
+        parent = os.open(os.path.dirname(top), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            name = os.path.basename(top) or "."
+            info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+            self.entry(guest_top, inroot.Entry(guest_top, parent, name, info),
+                       mtime=guest_top != "/")
+            if not stat.S_ISDIR(info.st_mode):
+                return
+            directory = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                dir_fd=parent)
+        finally:
+            os.close(parent)
+        try:
+            for entry in inroot.walk(directory):
+                self.entry(guest_top.rstrip("/") + entry.path, entry)
+        finally:
+            os.close(directory)
 
 
 def scan(spec: ContainerSpec, mem: int) -> RootContent:
-    """The root's content digest, and the programs to read ahead (OSError if unreadable)."""
+    """The root's content digest, and the programs to read ahead (BundleError if unreadable)."""
     scanner = _Scanner(min(PRELOAD_BYTES, mem // 8))
-    scanner.tree("/", str(spec.root))
-    for mount in spec.mounts:
-        if mount.kind is MountKind.BIND:  # copied into the image at the destination
-            scanner.hash.update(f"bind {mount.destination}\n".encode())
-            scanner.tree(mount.destination, mount.source)
+    top = str(spec.root)
+    try:
+        scanner.tree("/", top)
+        for mount in spec.mounts:
+            if mount.kind is MountKind.BIND:  # copied into the image at the destination
+                scanner.hash.update(f"bind {mount.destination}\n".encode())
+                top = mount.source
+                scanner.tree(mount.destination, top)
+    except (OSError, inroot.RootPathError) as e:
+        raise BundleError(f"{top}: cannot read the container's root: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
     return RootContent(scanner.hash.hexdigest(), tuple(scanner.preload))
 
 
