@@ -8,6 +8,12 @@ without KVM would be green and prove nothing.
 A test that asks for the ``kvm`` fixture (an open :class:`vmm.kvm.system.Kvm`)
 is marked ``kvm`` automatically.
 
+The session starts by installing the system packages the tests run programs
+from (tests/packages.py), as root on Debian, when any is missing, and runs on
+a snapshot cache of its own (``private_snapshot_cache``): the guests it boots
+restore or boot cold by what this session did, not by what an earlier run or
+the user left in ~/.cache/vmm, and it leaves no snapshots there.
+
 When ``VMM_KVM_TESTS_REPORT`` names a file, the number of ``kvm``/``boot`` tests
 that *passed* is written there at the end of the session (one integer and a
 newline). ``.ci/run`` reads it to prove the VM tests really ran.
@@ -35,6 +41,48 @@ def pytest_configure(config: pytest.Config) -> None:
     # pytest runs with another rootdir/inifile.
     config.addinivalue_line("markers", "kvm: needs /dev/kvm (fails, never skips, when it is missing)")
     config.addinivalue_line("markers", "boot: boots a Linux guest (needs /dev/kvm; slow on PVM hosts)")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Install the tests' system packages (tests/packages.py): as root on Debian, once."""
+    from tests.packages import PACKAGES
+    from vmm.errors import VmmError
+    from vmm.images.host import ensure_packages
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def progress(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"tests: {line} (tests/packages.py)")
+
+    try:
+        ensure_packages(list(PACKAGES), progress)
+    except VmmError as e:  # not root, or apt failed: the tests that need one say which
+        progress(str(e))
+
+
+# Cache entries that are builds (minutes to make, the same for every session): shared.
+# The rest (snapshots, container bases) is the session's own.
+SHARED_BUILDS = ("kernel", "busybox", "initramfs", "firmware")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_snapshot_cache(tmp_path_factory):
+    """VMM_CACHE_DIR for the session: its own snapshots, the user's builds (symlinks)."""
+    from vmm.cache import cache_dir
+
+    shared = cache_dir()
+    private = tmp_path_factory.mktemp("vmm-cache")
+    for name in SHARED_BUILDS:
+        (shared / name).mkdir(parents=True, exist_ok=True)
+        (private / name).symlink_to(shared / name)
+    saved = os.environ.get("VMM_CACHE_DIR")
+    os.environ["VMM_CACHE_DIR"] = str(private)
+    yield private
+    if saved is None:
+        os.environ.pop("VMM_CACHE_DIR", None)
+    else:
+        os.environ["VMM_CACHE_DIR"] = saved
 
 
 def _needs_kvm(item: pytest.Item) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.guest import vmm_run
+from tests.packages import require
 
 pytestmark = [pytest.mark.boot, pytest.mark.kvm]
 
@@ -67,7 +68,8 @@ def test_root_on_an_ext4_image_built_by_vmm(tmp_path: Path) -> None:
                      "grep ' / ' /proc/mounts | cut -d' ' -f1,3; echo persisted > /root/note; sync")
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode().split() == ["/dev/vda", "ext4"]
-    dump = subprocess.run(["debugfs", "-R", "cat /root/note", str(image)], capture_output=True)
+    dump = subprocess.run([require("debugfs"), "-R", "cat /root/note", str(image)],
+                          capture_output=True)
     assert dump.stdout == b"persisted\n"
 
     # The same image attached read-only: mounted read-only (a read-write mount of a

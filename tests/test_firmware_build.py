@@ -9,14 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.packages import require
+
 from vmm import firmware
 from vmm.arch.x86_64 import layout
 from vmm.errors import GuestBuildError, LoaderError
 
-needs_binutils = pytest.mark.skipif(
-    not all(shutil.which(tool) for tool in ("as", "ld", "objcopy")),
-    reason="GNU binutils (as, ld, objcopy) not installed",
-)
+
+
+@pytest.fixture
+def binutils() -> None:
+    """GNU as, ld and objcopy, or the test fails naming binutils."""
+    for tool in ("as", "ld", "objcopy"):
+        require(tool)
 
 EXPECTED = {"hello", "longmode", "exitbench", "fail"}
 
@@ -33,7 +38,7 @@ def test_available_firmware_lists_the_builtins():
     assert names == sorted(names)
 
 
-@needs_binutils
+@pytest.mark.usefixtures("binutils")
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_builtin_builds_into_a_valid_image(name, private_cache):
     path = firmware.firmware_path(name)
@@ -53,7 +58,7 @@ def test_builtin_builds_into_a_valid_image(name, private_cache):
         assert 0x10000 - len(image) <= offset < layout.RESET_IP
 
 
-@needs_binutils
+@pytest.mark.usefixtures("binutils")
 def test_cached_image_is_reused_without_running_the_assembler(monkeypatch):
     first = firmware.firmware_path("hello")
     mtime = first.stat().st_mtime_ns
@@ -93,7 +98,7 @@ def test_user_path_is_returned_as_is(tmp_path):
     assert firmware.firmware_path(image) == image
 
 
-@needs_binutils
+@pytest.mark.usefixtures("binutils")
 def test_assembler_error_becomes_guest_build_error(tmp_path, monkeypatch):
     sources = tmp_path / "src"
     sources.mkdir()

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.guest import BOOT_TIMEOUT
+from tests.packages import require
 
 pytestmark = pytest.mark.kvm
 
@@ -27,9 +28,7 @@ RESET_CS_BASE = 0xF0000  # firmware/layout.inc: the firmware's segment F000 star
 
 
 def gdb_binary() -> str:
-    path = shutil.which("gdb")
-    assert path, "gdb not found: apt-get install gdb (.ci/run does)"
-    return path
+    return require("gdb")
 
 
 @contextmanager
@@ -119,9 +118,12 @@ def test_setting_a_register_changes_what_the_guest_does():
     assert status == 7 and stdout.endswith("long mode\n")
 
 
-def test_hostile_clients_never_kill_vmm():
+def test_hostile_clients_never_kill_vmm_nor_release_the_guest():
+    """A port check, junk and a second client: the guest stays stopped for the real GDB,
+    which then steps from the very first instruction (the reset vector)."""
     with vmm_under_gdb("--firmware", "longmode") as (process, port):
-        first = socket.create_connection(("127.0.0.1", port))
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()  # a port check
+        first = socket.create_connection(("127.0.0.1", port), timeout=10)
         first.sendall(b"$garbage#00" + b"\xff" * 100 + b"$" + b"M0,1:" * 5000 + b"#00")
         first.sendall(b"$qSupported#37")
         reply = b""
@@ -129,15 +131,35 @@ def test_hostile_clients_never_kill_vmm():
         while b"qXfer" not in reply and time.monotonic() < deadline:
             reply += first.recv(4096)
         assert reply.startswith(b"-") and b"PacketSize" in reply  # bad ones NACKed, then answered
-        second = socket.create_connection(("127.0.0.1", port))
+        second = socket.create_connection(("127.0.0.1", port), timeout=10)
         refused = second.recv(4096)
         assert b"already attached" in refused
         second.close()
-        first.close()  # gone while the guest is stopped: it runs on to its end
+        first.close()  # gone without D or k: the guest stays stopped
+        time.sleep(0.5)
+        assert process.poll() is None  # still waiting, not run to its end
+        out = gdb(port, "p/x $pc", "p/x $cs", "stepi", "p/x $pc", "continue")
         status, stdout, stderr = finish(process)
-    assert status == 0 and stdout.endswith("long mode\n"), stderr
-    assert "refused a second debugger" in stderr and "the debugger disconnected" in stderr
-    assert "Traceback" not in stderr
+    # The reset vector: CS base 0xffff0000 (selector f000), IP fff0; one step later IP moved.
+    pcs = [int(v, 16) for v in re.findall(r"^\$[13] = (0x[0-9a-f]+)$", out, re.M)]
+    assert pcs[0] == 0xFFF0 and pcs[1] != 0xFFF0, out
+    assert re.search(r"^\$2 = 0xf000$", out, re.M), out
+    assert "exited normally" in out
+    assert status == 0 and stdout == "real mode\nprotected mode\nlong mode\n", stderr
+    assert stderr.count("the guest stays stopped") == 2  # the port check's and the junk's
+    assert "refused a second debugger" in stderr and "Traceback" not in stderr
+
+
+def test_a_debugger_that_leaves_a_running_guest_leaves_it_running():
+    from vmm.gdb import packets
+
+    with vmm_under_gdb("--firmware", "longmode") as (process, port):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(packets.frame(b"c"))  # spoke the protocol: the guest goes on
+        time.sleep(0.2)
+        sock.close()
+        status, stdout, stderr = finish(process)
+    assert (status, stdout) == (0, "real mode\nprotected mode\nlong mode\n"), stderr
 
 
 # --- Linux ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import time
 import pytest
 
 from tests.guest import BOOT_TIMEOUT
+from tests.packages import require
 
 pytestmark = [pytest.mark.kvm, pytest.mark.boot]
 
@@ -70,6 +71,7 @@ def ip(*args: str) -> None:
 def namespace():
     if os.geteuid() != 0:
         pytest.fail("the --net tests make a network namespace: run them as root (CI does)")
+    require("ip")
     name = f"vmmnet{os.getpid()}"
     ip("netns", "add", name)
     try:
@@ -166,8 +168,7 @@ def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp
     import threading
     import urllib.request
 
-    if subprocess.run(["which", "passt"], capture_output=True).returncode != 0:
-        pytest.fail("passt not found: apt-get install passt (.ci/run does)")
+    require("passt")
     blob = random.Random(11).randbytes(150_000)
     (tmp_path / "blob").write_bytes(blob)
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
@@ -243,6 +244,7 @@ def _http_server(directory, address: str, prefix: list[str]) -> subprocess.Popen
 
 def test_a_run_with_passt_starts_from_its_snapshot_and_its_network_works(tmp_path):
     """The snapshot holds the NIC and its posted buffers; passt is started anew for the run."""
+    require("passt")
     blob = random.Random(13).randbytes(120_000)
     (tmp_path / "blob").write_bytes(blob)
     server = _http_server(tmp_path, "127.0.0.1", [])

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from tests.guest import BOOT_TIMEOUT
+from tests.packages import require
 from vmm.oci.containerd import BUSYBOX_IMAGE, PrivateContainerd, image_from_busybox
 from vmm.oci.containerd import runtime_binary as vmm_runtime
 
@@ -31,6 +32,8 @@ def runtime_binary() -> str:
 
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory):
+    for program in ("containerd", "ctr", "containerd-shim-runc-v2"):
+        require(program)
     work = tmp_path_factory.mktemp("containerd")
     daemon = PrivateContainerd(work)
     daemon.start()

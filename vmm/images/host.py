@@ -15,17 +15,20 @@ import subprocess
 from vmm.errors import GuestBuildError
 
 
-def _installed(package: str) -> bool:
-    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package],
+def missing_packages(packages: list[str]) -> list[str]:
+    """Those of ``packages`` dpkg does not have installed (one dpkg-query for all)."""
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *packages],
                             capture_output=True, text=True)
-    return result.returncode == 0 and "install ok installed" in result.stdout
+    installed = {line.split()[0].split(":")[0] for line in result.stdout.splitlines()
+                 if line.endswith("install ok installed")}
+    return [p for p in packages if p not in installed]
 
 
 def ensure_packages(packages: list[str], progress=None) -> None:
     """apt-get install the missing ones when root on Debian; else raise with the command."""
     if not shutil.which("dpkg-query"):
         return  # not Debian: the caller's own checks say what is missing
-    missing = [p for p in packages if not _installed(p)]
+    missing = missing_packages(packages)
     if not missing:
         return
     command = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
