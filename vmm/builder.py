@@ -24,6 +24,7 @@ from vmm.errors import LoaderError, UsageError, unreadable
 from vmm.kvm.capabilities import FIRMWARE, LINUX, require
 from vmm.kvm.flavour import detect_flavour
 from vmm.kvm.system import Kvm
+from vmm.loader.files import check_guest_files
 from vmm.machine import Machine
 from vmm.memory import GuestMemory
 
@@ -241,7 +242,8 @@ def build_linux_vm(
     """
     from vmm.arch.x86_64.layout import ram_ranges
 
-    # 0. The guest's files, read and checked before KVM is touched.
+    # 0. The guest's files, checked and read before KVM is touched.
+    check_guest_files(config)
     kernel_path, system_map = resolve_kernel(config, progress)
     kernel = _read_image(kernel_path, "kernel", mapped=True)
     initrd_path = resolve_initrd(config, progress)

@@ -21,12 +21,17 @@ MAX_MEM = 64 * GiB  # far beyond what a test VM needs; guards typos like 512G
 MIN_MEM = 1 * MiB
 
 
-def parse_size(text: str, option: str = "--mem") -> int:
-    """'512M', '1G', '64K', '2GiB'; a bare number means MiB (as QEMU's -m)."""
+def size_in_bytes(text: str) -> int | None:
+    """'512M', '1G', '64K', '2GiB'; a bare number means MiB (as QEMU's -m); None if not a size."""
     match = _SIZE.match(str(text))
-    if not match:
+    return int(match.group(1)) * _UNITS[match.group(2).upper()] if match else None
+
+
+def parse_size(text: str, option: str = "--mem") -> int:
+    """A guest's RAM size (size_in_bytes), within what vmm can give a guest."""
+    size = size_in_bytes(text)
+    if size is None:
         raise UsageError(f"{option} {text!r}: not a size (examples: 512M, 1G, 2048)")
-    size = int(match.group(1)) * _UNITS[match.group(2).upper()]
     if size < MIN_MEM:
         raise UsageError(f"{option} {text!r}: too small, at least 1M")
     if size > MAX_MEM:
@@ -88,6 +93,15 @@ class DiskConfig:
         return DiskConfig(path, read_only, serial)
 
 
+IFNAMSIZ = 16  # <net/if.h>: an interface name and its NUL
+
+
+def is_interface_name(name: str) -> bool:
+    """What the kernel takes as a network interface's name (dev_valid_name)."""
+    return (0 < len(name.encode()) < IFNAMSIZ and name not in (".", "..")
+            and not any(c in name for c in "/:") and not any(c.isspace() for c in name))
+
+
 @dataclass(frozen=True)
 class NetConfig:
     """One NIC: ``--net tap[=NAME][,ip=ADDR/PREFIX][,gw=ADDR][,dns=ADDR][,mac=MAC][,offload=off]`` or
@@ -119,6 +133,8 @@ class NetConfig:
         if equals and not name:
             raise UsageError(f"--net {text!r}: tap=NAME: name the TAP interface (or give "
                              "tap alone: the kernel names it vmmtapN)")
+        if name and not is_interface_name(name):
+            raise UsageError(f"--net tap={name}: not an interface name (1-15 characters)")
         options = dict(option.partition("=")[::2] for option in rest.split(",") if option)
         unknown = set(options) - {"ip", "gw", "dns", "mac", "offload"}
         if unknown:

@@ -360,9 +360,11 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     must agree). ``options`` go to :func:`run_linux`.
     """
     from vmm.errors import SnapshotError
+    from vmm.loader.files import check_guest_files
     from vmm.snapshot import cache
     from vmm.snapshot.restore import load_snapshot, restore_config
 
+    check_guest_files(config)  # before the cache key names them, or a progress line
     stderr = stderr or sys.stderr
     options.update(recorder=recorder, stderr=stderr)
 
@@ -387,6 +389,7 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     if cold or options.get("gdb") or cache.warm_start_possible(config) is not None:
         return run_linux(config, **options)  # --gdb: from the first instruction, so cold
 
+    cache.cache_max()  # a bad VMM_CACHE_MAX is said now, not after the run
     directory, key = warm_snapshot(config, progress)
     if key is None:
         return run_linux(config, **options)
@@ -401,9 +404,10 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     else:
         progress("first run of this guest: booting it, saving a snapshot for the next runs "
                  "(--cold: never)")
-        cache.prune()
     target = cache.snapshot_cache_dir() / key
-    return run_linux(config, start=SaveAtReady(target, then_run=True, replace=True), **options)
+    result = run_linux(config, start=SaveAtReady(target, then_run=True, replace=True), **options)
+    cache.prune()  # the cache stays under VMM_CACHE_MAX, least recently used out first
+    return result
 
 
 def warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]:

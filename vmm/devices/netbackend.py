@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from typing import Callable
 
+from vmm.config import IFNAMSIZ, is_interface_name
 from vmm.errors import DeviceError
 
 TUNSETIFF = 0x400454CA  # _IOW('T', 202, int)
@@ -34,7 +35,6 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 VNET_HEADER_SIZE = 12  # virtio_net_hdr_v1 (with num_buffers), as virtio 1.x drivers lay it
-IFNAMSIZ = 16
 DEFAULT_TAP_NAME = "vmmtap%d"  # the kernel replaces %d with the first free number
 READ_SIZE = VNET_HEADER_SIZE + 65535 + 14 + 4  # a header and a 64 KiB segment (GSO), with VLAN
 
@@ -81,7 +81,7 @@ class TapBackend(_FrameReader):
     vnet_header = True
 
     def __init__(self, name: str = DEFAULT_TAP_NAME) -> None:
-        if not name or len(name.encode()) >= IFNAMSIZ or "/" in name or name.strip() != name:
+        if not is_interface_name(name):
             raise DeviceError(f"--net tap={name}: not an interface name (1-15 characters)")
         try:
             self.fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
