@@ -256,3 +256,19 @@ def test_plain_vmm_run_restores_its_cached_snapshot(tmp_path) -> None:
     assert json.loads((tmp_path / "second.json").read_text())["start"] == "restored"
     cold = vmm_run("--cold", "--metrics", str(tmp_path / "cold.json"), "--", "true")
     assert cold.returncode == 0 and json.loads((tmp_path / "cold.json").read_text())["start"] == "cold"
+
+
+def test_snapshot_create_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path) -> None:
+    """A 4 MiB tmpfs (in a mount namespace of the test's own) cannot hold the guest's RAM."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a small tmpfs in a mount namespace: run it as root (CI does)")
+    small = tmp_path / "small"
+    small.mkdir()
+    script = ('mount -t tmpfs -o size=4m tmpfs "$1" && "$2" -m vmm snapshot create "$1/snap"; '
+              'status=$?; ls -A "$1"; exit $status')
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", str(small), sys.executable],
+                            capture_output=True, text=True, timeout=BOOT_TIMEOUT)
+    assert result.returncode == EXIT_VMM_ERROR, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"vmm: {small}/snap: cannot save the snapshot: No space left on device"]
+    assert result.stdout == ""  # nothing left on the full disk, not even the staging directory

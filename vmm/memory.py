@@ -212,9 +212,10 @@ class GuestMemory:
                 if keep and run_start is None:
                     run_start = index
                 elif not keep and run_start is not None:
-                    data = memoryview(backing)[run_start * page : index * page]
-                    written += _pwrite_all(fd, data, file_offset + run_start * page)
-                    data.release()
+                    # Released on every path: an export left alive by an error (a full
+                    # disk) would make closing the mapping fail in its place.
+                    with memoryview(backing)[run_start * page : index * page] as data:
+                        written += _pwrite_all(fd, data, file_offset + run_start * page)
                     run_start = None
             file_offset += region.size
         os.ftruncate(fd, file_offset)  # holes up to the full size
