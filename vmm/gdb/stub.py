@@ -4,11 +4,15 @@ How a stop works. The stub never stops a vCPU by itself: it asks the runner
 to *pause* (vmm/runner.py, the same mechanism a snapshot uses), and while
 every vCPU is parked outside KVM_RUN the main thread runs :meth:`GdbStub.session`,
 which talks to GDB until GDB resumes the guest (``c``, ``s``, ``vCont``),
-detaches (``D``, or the connection drops: the guest runs on) or kills it
-(``k``: the VM ends). Three things pause the guest:
+detaches (``D``: the guest runs on) or kills it (``k``: the VM ends). Only
+those move a stopped guest: a connection that closes without them (a port
+check, a scanner, a client that sends junk and leaves, a GDB that crashed)
+leaves it stopped, and the stub waits for the next debugger, as QEMU's ``-S``
+does. Four things pause the guest:
 
 * the start: the VM is created stopped (every vCPU's first KVM_RUN returns at
   once) and the first session waits for GDB to connect;
+* a debugger connecting while the guest runs (it stops for it, as at the start);
 * Ctrl-C: a 0x03 byte from GDB while the guest runs (the socket's reader
   thread asks for the pause);
 * KVM_EXIT_DEBUG from a vCPU: a single step done, a breakpoint or watchpoint
@@ -29,7 +33,7 @@ tables (4-level, 4K/2M/1G pages, vmm/arch/x86_64/paging.py), or taken as
 physical while paging is off.
 
 One client at a time: a second connection is told so and closed. A client
-that goes away leaves the guest running, its breakpoints removed.
+that goes away while the guest runs leaves it running, its breakpoints removed.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import queue
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -75,6 +80,7 @@ class Stop:
     signal: int
     vcpu: int  # index
     detail: str = ""  # "swbreak:;", "hwbreak:;", "watch:ADDR;", ...
+    gone: object = None  # the client whose connection closed while the guest ran
 
     def reply(self) -> bytes:
         return f"T{self.signal:02x}thread:{self.vcpu + 1:x};{self.detail}".encode()
@@ -113,19 +119,22 @@ class GdbStub:
         self.hardware: list[HardwareSlot] = []
         self.selected = 0  # vCPU index for g/p/m (Hg)
         self.stop: Stop | None = Stop(SIGTRAP, 0)  # created stopped
+        self.owes_stop_reply = False  # the client resumed the guest: it waits for a T packet
+        self.detached: socket.socket | None = None  # the client let go by D or k
         self._pending = False  # a session is queued or running
         self._lock = threading.Lock()
-        self._accept_thread = threading.Thread(target=self._accept_more, daemon=True,
+        self._accept_thread = threading.Thread(target=self._accept, daemon=True,
                                                name="gdb-accept")
 
     # --- wiring -------------------------------------------------------------------------
     def install(self) -> None:
-        """Before runner.run(): start stopped, take the debug exits."""
+        """Before runner.run(): start stopped, take the debug exits, accept debuggers."""
         self.runner.on_debug = self.on_debug
         for vcpu in self.machine.vcpus:
             vcpu.request_immediate_exit()  # the first KVM_RUN returns before any instruction
         self._pending = True
         self.runner.pause(self.session)
+        self._accept_thread.start()
         print(f"vmm: gdb: waiting for a debugger on {self.address[0]}:{self.address[1]} "
               "(target remote ...); the guest is stopped before its first instruction",
               file=self.log, flush=True)
@@ -168,38 +177,28 @@ class GdbStub:
         self.runner.pause(self.session)
 
     # --- the connection --------------------------------------------------------------------
-    def _wait_for_first_client(self) -> bool:
-        """The first session: wait for GDB (Ctrl-C on vmm still ends the wait)."""
-        self.listener.settimeout(0.2)
-        while not self.runner.stopping:
-            try:
-                client, peer = self.listener.accept()
-            except socket.timeout:
-                continue
-            self._adopt(client, peer)
-            self._accept_thread.start()
-            return True
-        return False
-
     def _adopt(self, client: socket.socket, peer) -> None:
         client.settimeout(None)
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client, self.no_ack = client, False
+        self.client, self.no_ack, self.owes_stop_reply = client, False, False
         print(f"vmm: gdb: debugger connected from {peer[0]}:{peer[1]}", file=self.log, flush=True)
         threading.Thread(target=self._read_client, args=(client,), daemon=True,
                          name="gdb-reader").start()
 
-    def _accept_more(self) -> None:
-        """Later connections: one takes the place of a debugger that left (the guest stops
-        for it, as at the start); while one is attached, another is told so and closed."""
-        self.listener.settimeout(None)
+    def _accept(self) -> None:
+        """Every connection: with no debugger attached it becomes the debugger (a running
+        guest stops for it, as at the start); with one attached it is told so and closed."""
         while True:
             try:
                 other, peer = self.listener.accept()
             except OSError:
                 return
-            if self.client is None:
-                self._adopt(other, peer)
+            self._wait_if_leaving(self.client)
+            with self._lock:
+                free = self.client is None
+                if free:
+                    self._adopt(other, peer)
+            if free:
                 self._request_stop(Stop(SIGINT, self.selected))
                 continue
             try:
@@ -210,6 +209,22 @@ class GdbStub:
             print(f"vmm: gdb: refused a second debugger from {peer[0]}:{peer[1]}", file=self.log,
                   flush=True)
 
+    def _wait_if_leaving(self, current: socket.socket | None, timeout: float = 5) -> None:
+        """A debugger whose connection has closed but whose reader has not yet seen it (a port
+        check, then GDB): wait for the reader to free its place instead of refusing GDB."""
+        if current is None:
+            return
+        try:
+            if current.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT):
+                return  # attached: it has sent something not yet read
+        except BlockingIOError:
+            return  # attached and quiet
+        except OSError:
+            pass  # closed: its reader is on its way out
+        deadline = time.monotonic() + timeout
+        while self.client is current and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def _read_client(self, client: socket.socket) -> None:
         reader = packets.PacketReader()
         while True:
@@ -218,14 +233,21 @@ class GdbStub:
             except OSError:
                 data = b""
             if not data:
-                self.events.put((DISCONNECTED, client))
-                # Stop the guest (if it runs) to take the breakpoints out of it.
-                self._request_stop(Stop(SIGINT, self.selected))
+                if client is self.detached:
+                    return  # D or k: dealt with already
+                # Queued before the slot is freed: nothing of the next debugger's comes first.
+                self.events.put((client, DISCONNECTED))
+                with self._lock:
+                    if self.client is client:
+                        self.client = None
+                client.close()
+                # If the guest runs, stop it a moment to take the breakpoints out of it.
+                self._request_stop(Stop(SIGINT, self.selected, gone=client))
                 return
             for event in reader.feed(data):
                 if event is Event.INTERRUPT:
                     self._request_stop(Stop(SIGINT, self.selected))
-                self.events.put(event)
+                self.events.put((client, event))
 
     def _send(self, data: bytes, *, compress: bool = False) -> None:
         frame = packets.frame(data, compress=compress)
@@ -237,7 +259,9 @@ class GdbStub:
                 pass  # the reader thread sees the connection go
 
     def _drop_client(self, why: str) -> None:
-        print(f"vmm: gdb: {why}; the guest runs on", file=self.log, flush=True)
+        """D or k: the debugger is let go (its reader then ends quietly)."""
+        print(f"vmm: gdb: {why}", file=self.log, flush=True)
+        self.detached = self.client
         if self.client is not None:
             try:
                 self.client.close()
@@ -250,12 +274,11 @@ class GdbStub:
     def session(self) -> None:
         """Main thread, every vCPU parked: serve GDB until it resumes, detaches or kills."""
         try:
-            if self.client is None:
-                if self._accept_thread.is_alive() or not self._wait_for_first_client():
-                    return  # no debugger now (it left), or vmm was stopped while we waited
-            elif self.stop is not None:
+            if self.stop is not None:
                 self.selected = self.stop.vcpu  # g, m... now read the vCPU that stopped
-                self._send(self.stop.reply())  # GDB waits for it after c/s
+                if self.client is not None and self.owes_stop_reply:
+                    self._send(self.stop.reply())  # GDB waits for it after c/s
+                    self.owes_stop_reply = False
             self._serve()
         finally:
             with self._lock:
@@ -264,14 +287,23 @@ class GdbStub:
     def _serve(self) -> None:
         while not self.runner.stopping:
             try:
-                event = self.events.get(timeout=0.2)
+                client, event = self.events.get(timeout=0.2)
             except queue.Empty:
                 continue
-            if isinstance(event, tuple):  # (DISCONNECTED, the socket that closed)
-                if event[1] is self.client:
-                    self._drop_client("the debugger disconnected")
-                    return
-                continue  # an earlier client's end
+            if event == DISCONNECTED:  # without D or k: the guest stays as it was
+                self.remove_all_breakpoints()
+                if self.stop is not None and self.stop.gone is client and self.client is None:
+                    print("vmm: gdb: the debugger disconnected; the guest runs on",
+                          file=self.log, flush=True)
+                    self.stop = None
+                    return  # it ran when its debugger left
+                print("vmm: gdb: the debugger disconnected; the guest stays stopped, waiting "
+                      "for the next one", file=self.log, flush=True)
+                if self.stop is not None and self.stop.gone is not None:
+                    self.stop = Stop(SIGINT, self.selected)  # what the next debugger hears
+                continue  # the accept thread adopts the next debugger
+            if client is not self.client:
+                continue  # an earlier connection's, answered to no one
             if event is Event.BAD_PACKET:
                 self._reply_raw(b"-")
                 continue
@@ -391,7 +423,7 @@ class GdbStub:
             return self.resume(step=self.selected)
         elif head == "D":
             self._send(b"OK")
-            self._drop_client("the debugger detached")
+            self._drop_client("the debugger detached; the guest runs on")
             return True
         elif head == "k":
             from vmm.outcome import EXIT_NO_STATUS, StopReason
@@ -462,6 +494,7 @@ class GdbStub:
                 control |= lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP | self.block_irq
             vcpu.set_guest_debug(control, tuple(debugreg))
         self.stop = None
+        self.owes_stop_reply = True
         return True
 
     # --- memory ------------------------------------------------------------------------------
