@@ -42,7 +42,7 @@ def _register() -> None:
 
     main.add_command(check.check)
     main.add_command(run.run)
-    for optional in ("kernel", "image", "bench", "snapshot"):
+    for optional in ("kernel", "image", "bench", "snapshot", "cache"):
         try:
             module = __import__(f"vmm.cli.{optional}", fromlist=[optional])
         except ImportError:

@@ -22,10 +22,11 @@ for the disk content it saw (vmm/snapshot/restore.py refuses a changed disk).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmm import __version__
@@ -34,9 +35,6 @@ from vmm.config import VmConfig
 from vmm.digest import hexdigest
 from vmm.snapshot.state import STATE_FILE, FileIdentity
 from vmm.snapshot.statefile import FORMAT_VERSION
-
-KEEP = 8  # snapshots kept in the cache; older unused ones are removed
-
 
 def snapshot_cache_dir() -> Path:
     return cache_dir() / "snapshots"
@@ -97,13 +95,108 @@ def cache_key(config: VmConfig, kernel: Path, initrd: Path | None, host) -> str:
     return hexdigest(json.dumps(facts, sort_keys=True).encode(), 10)
 
 
+# The cap on the snapshots cached here (VMM_CACHE_MAX changes it). A snapshot of the
+# default 128 MiB guest takes ~13 MiB of disk (its memory file is sparse: only the pages
+# the guest touched), a container's image base ~14 MiB: 512 MiB holds ~38 of them, more
+# guests and images than one user runs in turn, and a quarter of what the guest kernel's
+# build tree beside it already takes (~2 GiB). Without a cap one afternoon of tests and
+# `docker run`s left 51 snapshots (703 MiB) that nothing ever removed.
+DEFAULT_MAX = 512 << 20
+MAX_ENV = "VMM_CACHE_MAX"
+_in_use: list[int] = []  # descriptors of the snapshots this process uses (shared locks)
+
+
+def cache_max() -> int:
+    """The cap in bytes: VMM_CACHE_MAX (512M, 2G, 0 for none kept), else DEFAULT_MAX."""
+    from vmm.config import size_in_bytes
+    from vmm.errors import UsageError
+
+    text = os.environ.get(MAX_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX
+    size = size_in_bytes(text)
+    if size is None:
+        raise UsageError(f"{MAX_ENV}={text!r}: not a size (examples: 512M, 2G, 0)")
+    return size
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One cached snapshot, as `vmm cache ls` shows it."""
+
+    path: Path
+    size: int  # bytes on disk (its memory file is sparse)
+    last_used: float  # the directory's mtime: lookup() touches it
+    in_use: bool  # a running VMM holds it (restored from it, or copying its disk)
+
+    @property
+    def kind(self) -> str:
+        return "image base" if self.path.name.startswith("img-") else "guest"
+
+
+def _disk_usage(directory: Path) -> int:
+    total = 0
+    for entry in os.scandir(directory):
+        try:
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        except OSError:
+            pass
+    return total
+
+
+def _try_lock(directory: Path, mode: int) -> int | None:
+    """A descriptor of ``directory`` holding the flock ``mode`` (never waits), or None."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def entries() -> list[Entry]:
+    """The cached snapshots, least recently used first."""
+    root = snapshot_cache_dir()
+    try:
+        names = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    found = []
+    for directory in names:
+        try:
+            last_used = directory.stat().st_mtime
+            size = _disk_usage(directory)
+        except OSError:
+            continue  # removed meanwhile
+        probe = _try_lock(directory, fcntl.LOCK_EX)
+        if probe is not None:
+            os.close(probe)
+        found.append(Entry(directory, size, last_used, in_use=probe is None))
+    return sorted(found, key=lambda e: e.last_used)
+
+
 def lookup(key: str) -> Path | None:
-    """The cached snapshot's directory, marked as used; None if there is none yet."""
+    """The cached snapshot's directory, marked as used; None if there is none yet.
+
+    The process holds a shared lock on it from here to its end, so that no
+    prune removes it while this VM restores from it or copies its disk.
+    """
     directory = snapshot_cache_dir() / key
     if not (directory / STATE_FILE).is_file():
         return None
+    fd = _try_lock(directory, fcntl.LOCK_SH)
+    if fd is None:
+        return None  # being evicted this instant: as good as gone
+    if not (directory / STATE_FILE).is_file():  # evicted between the check and the lock
+        os.close(fd)
+        return None
+    _in_use.append(fd)
     try:
-        os.utime(directory)  # most recently used: pruned last
+        os.utime(directory)  # most recently used: evicted last
     except OSError:
         pass
     return directory
@@ -114,22 +207,34 @@ def discard(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def prune(keep: int = KEEP, *, older_than_s: float = 24 * 3600) -> list[Path]:
-    """Remove cached snapshots beyond the ``keep`` most recently used, unused for a day.
-
-    Returns what was removed. A snapshot in use by a running VM can go: its
-    memory file stays mapped until that VM ends.
-    """
-    root = snapshot_cache_dir()
+def evict(entry: Entry) -> bool:
+    """Remove one snapshot unless a VMM uses it; True if it went."""
+    fd = _try_lock(entry.path, fcntl.LOCK_EX)
+    if fd is None:
+        return False  # in use
     try:
-        entries = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        # Renamed first: a lookup no longer finds it while its files go.
+        doomed = entry.path.with_name(f".evicted-{entry.path.name}-{os.getpid()}")
+        os.rename(entry.path, doomed)
     except OSError:
-        return []
-    entries.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        return False
+    finally:
+        os.close(fd)
+    shutil.rmtree(doomed, ignore_errors=True)
+    return True
+
+
+def prune(limit: int | None = None) -> list[Path]:
+    """Evict the least recently used snapshots until the cache holds at most ``limit``
+    bytes (VMM_CACHE_MAX); one in use is skipped. Returns what was removed."""
+    limit = cache_max() if limit is None else limit
+    cached = entries()
+    total = sum(e.size for e in cached)
     removed = []
-    now = time.time()
-    for stale in entries[keep:]:
-        if now - stale.stat().st_mtime > older_than_s:
-            shutil.rmtree(stale, ignore_errors=True)
-            removed.append(stale)
+    for entry in cached:
+        if total <= limit:
+            break
+        if evict(entry):
+            total -= entry.size
+            removed.append(entry.path)
     return removed
