@@ -168,3 +168,18 @@ def test_root_on_a_read_only_disk_is_mounted_read_only() -> None:
     assert _root_disk_is_read_only("/dev/vdb", disks)
     assert not _root_disk_is_read_only("/dev/vdc", disks)  # no such disk: the guest will say
     assert not _root_disk_is_read_only("/dev/sda", disks)
+
+
+def test_kernel_path_prints_one_file_for_tools(monkeypatch, tmp_path):
+    """`gdb $(vmm kernel path --vmlinux)`: one path each; the README's set-up built the kernel."""
+    from vmm.images.kernel import build_kernel
+
+    built = build_kernel(lambda line: None)  # the cached one
+    for option, expected in (("--vmlinux", built.vmlinux), ("--bzimage", built.bzimage),
+                             ("--system-map", built.system_map)):
+        result = invoke("kernel", "path", option)
+        assert result.exit_code == 0 and result.output == f"{expected}\n", result.output
+    monkeypatch.setenv("VMM_CACHE_DIR", str(tmp_path))  # an empty cache: nothing built
+    result = invoke("kernel", "path", "--vmlinux")
+    assert result.exit_code == 1
+    assert result.output == "vmm: the guest kernel is not built yet: run 'vmm kernel build'\n"

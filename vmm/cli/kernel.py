@@ -20,15 +20,22 @@ def build() -> None:
 
 
 @kernel.command()
-def path() -> None:
+@click.option("--vmlinux", "only", flag_value="vmlinux",
+              help="Print only vmlinux's path (for `gdb $(vmm kernel path --vmlinux)`).")
+@click.option("--bzimage", "only", flag_value="bzimage", help="Print only the bzImage's path.")
+@click.option("--system-map", "only", flag_value="system_map", help="Print only System.map's path.")
+def path(only: str | None) -> None:
     """Print the cached kernel's files; exit 1 if it is not built yet."""
     from vmm.images.kernel import cached_kernel
 
     artifacts = cached_kernel()
     if artifacts is None:
-        click.echo("not built yet: run 'vmm kernel build'", err=True)
+        click.echo("vmm: the guest kernel is not built yet: run 'vmm kernel build'", err=True)
         raise SystemExit(1)
-    _show(artifacts)
+    if only:
+        click.echo(getattr(artifacts, only))
+    else:
+        _show(artifacts)
 
 
 def _show(artifacts) -> None:
