@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import mmap
 
 import pytest
@@ -188,5 +190,50 @@ def test_resident_bytes_counts_touched_pages():
         memory.write(5 * PAGE, b"x")
         assert memory.resident_bytes() >= before + PAGE
         assert memory.resident_bytes() <= 16 * PAGE
+    finally:
+        memory.close()
+
+
+def test_mapped_bytes_counts_what_this_process_faulted_in_of_a_file_mapping(tmp_path):
+    """A memory file in the page cache (read by someone else) is not this VM's memory."""
+    path = tmp_path / "memory"
+    path.write_bytes(b"\x01" * (16 * PAGE))
+    path.read_bytes()  # in the page cache now: mincore says resident
+    with open(path, "rb") as f:
+        memory = GuestMemory([(0, 16 * PAGE)], backing_fd=f.fileno())
+    try:
+        assert memory.resident_bytes() == 16 * PAGE  # the page cache's view
+        assert memory.mapped_bytes() == 0  # nothing faulted in by this process yet
+        memory.read(3 * PAGE, 1)  # the kernel maps up to 64 KiB around it (fault-around)
+        memory.write(9 * PAGE, b"x")
+        assert 2 * PAGE <= memory.mapped_bytes() <= 16 * PAGE
+    finally:
+        memory.close()
+
+
+def test_save_of_a_restored_guest_keeps_pages_the_page_cache_dropped(tmp_path, monkeypatch):
+    """A restored guest's RAM is its memory file, mapped: a page the host evicted from the
+    page cache (or never read since it booted) is not resident for mincore, yet holds data.
+    The image base is saved from a restored VM: such pages must not become zeros."""
+    path = tmp_path / "memory"
+    with open(path, "wb") as f:
+        f.write(b"\x07" * (8 * PAGE))  # data in the first 8 pages, a hole after
+        f.truncate(16 * PAGE)
+    with open(path, "rb") as f:
+        memory = GuestMemory([(0, 16 * PAGE)], backing_fd=f.fileno())
+    monkeypatch.setattr(GuestMemory, "_resident_pages",  # what mincore says once evicted,
+                        lambda self, region: bytes(1 if i == 12 else 0  # but for the guest's
+                                                   for i in range(region.size // PAGE)))  # write
+    try:
+        memory.write(12 * PAGE, b"guest")  # a private copy, in the file's hole
+        saved = tmp_path / "saved"
+        fd = os.open(saved, os.O_WRONLY | os.O_CREAT)
+        try:
+            assert memory.save(fd) == 9 * PAGE
+        finally:
+            os.close(fd)
+        data = saved.read_bytes()
+        assert data[:8 * PAGE] == b"\x07" * (8 * PAGE) and data[12 * PAGE:12 * PAGE + 5] == b"guest"
+        assert len(data) == 16 * PAGE
     finally:
         memory.close()

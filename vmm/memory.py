@@ -56,6 +56,9 @@ class MemoryRegion:
     size: int
     _map: mmap.mmap
     host_address: int  # where KVM should look: the mmap's address in our process
+    # A region mapped from a snapshot's memory file: 1 for each page the file holds data
+    # for (its data extents, SEEK_DATA), which the guest may not have read yet.
+    file_pages: bytearray | None = None
 
     @property
     def end(self) -> int:
@@ -95,7 +98,8 @@ class GuestMemory:
                     backing = mmap.mmap(backing_fd, size, mmap.MAP_PRIVATE | _MAP_NORESERVE,
                                         offset=file_offset)
                 host = int(ffi.cast("uintptr_t", ffi.from_buffer(backing)))
-                self.regions.append(MemoryRegion(start, size, backing, host))
+                pages = None if backing_fd is None else _data_pages(backing_fd, file_offset, size)
+                self.regions.append(MemoryRegion(start, size, backing, host, pages))
                 file_offset += size
         except BaseException:
             self.close()
@@ -182,8 +186,26 @@ class GuestMemory:
             return None
         return bytes(vec)
 
+    def mapped_bytes(self) -> int:
+        """Guest RAM this process holds: the Rss of its mappings in /proc/self/smaps.
+
+        Unlike mincore (resident_bytes), which for a restored guest's file mapping
+        reports the page cache (the memory file cached by an earlier run, mapped
+        or not), this counts only the pages this VM has faulted in.
+        """
+        ranges = [(r.host_address, r.host_address + r.size) for r in self.regions]
+        total, inside = 0, False
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                if not line[:1].isupper():  # a mapping's header: "7f00...-7f00... rw-p ..."
+                    start, end = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+                    inside = any(low <= start and end <= high for low, high in ranges)
+                elif inside and line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+
     def resident_bytes(self) -> int:
-        """How much of guest RAM the host has really backed (pages the guest touched)."""
+        """How much of guest RAM the host has backed: pages touched, or a file's cached pages."""
         total = 0
         for region in self.regions:
             resident = self._resident_pages(region)
@@ -203,7 +225,12 @@ class GuestMemory:
         zero = bytes(page)
         written = file_offset = 0
         for region in self.regions:
+            # A page can hold something if the guest touched it (mincore) or, restored from
+            # a file, if the file has data there: mincore sees only the file's pages in the
+            # page cache, and one evicted (or never read since the host booted) is data too.
             resident = self._resident_pages(region) or b"\x01" * (region.size // page)
+            if region.file_pages is not None:
+                resident = bytes(a | b for a, b in zip(resident, region.file_pages))
             backing = region._map
             run_start = None  # first page of a run of pages to write
             for index in range(len(resident) + 1):
@@ -220,6 +247,25 @@ class GuestMemory:
             file_offset += region.size
         os.ftruncate(fd, file_offset)  # holes up to the full size
         return written
+
+
+def _data_pages(fd: int, offset: int, size: int) -> bytearray:
+    """1 for each page of ``fd[offset:offset+size]`` inside a data extent (not a hole)."""
+    page = mmap.PAGESIZE
+    pages = bytearray(size // page)
+    end, position = offset + size, offset
+    while position < end:
+        try:
+            data = os.lseek(fd, position, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after position
+            break
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        first, last = (data - offset) // page, -(-(hole - offset) // page)
+        pages[first:last] = b"\x01" * (last - first)
+        position = hole
+    return pages
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> int:

@@ -266,7 +266,7 @@ class PhaseRecorder:
     def before_close(self, machine, guest=None) -> None:
         """While the VM exists: guest RAM the host really backed, the guest's facts."""
         try:
-            self.guest_touched = machine.memory.resident_bytes()
+            self.guest_touched = machine.memory.mapped_bytes()
         except Exception:  # a measurement must never break the run
             self.guest_touched = None
         self.rss_before_close = _current_rss()
