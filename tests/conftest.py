@@ -14,6 +14,11 @@ a snapshot cache of its own (``private_snapshot_cache``): the guests it boots
 restore or boot cold by what this session did, not by what an earlier run or
 the user left in ~/.cache/vmm, and it leaves no snapshots there.
 
+Every test phase (set-up, call, tear-down) has a time limit, a backstop for a
+test that would wait forever on a guest or a peer: 120 s, or BOOT_TIMEOUT +
+300 s for a kvm/boot test (its own subprocess timeouts fire first), or what its
+``time_limit(seconds)`` marker says. Past it the test fails with where it was.
+
 When ``VMM_KVM_TESTS_REPORT`` names a file, the number of ``kvm``/``boot`` tests
 that *passed* is written there at the end of the session (one integer and a
 newline). ``.ci/run`` reads it to prove the VM tests really ran.
@@ -22,6 +27,7 @@ newline). ``.ci/run`` reads it to prove the VM tests really ran.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -41,6 +47,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # pytest runs with another rootdir/inifile.
     config.addinivalue_line("markers", "kvm: needs /dev/kvm (fails, never skips, when it is missing)")
     config.addinivalue_line("markers", "boot: boots a Linux guest (needs /dev/kvm; slow on PVM hosts)")
+    config.addinivalue_line("markers", "time_limit(seconds): this test's own time limit per phase")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -128,6 +135,55 @@ def kvm():
 
     with Kvm() as handle:
         yield handle
+
+
+PLAIN_TIME_LIMIT = 120
+
+
+def time_limit(item: pytest.Item) -> float:
+    from tests.guest import BOOT_TIMEOUT
+
+    marker = item.get_closest_marker("time_limit")
+    if marker is not None:
+        return float(marker.args[0])
+    return BOOT_TIMEOUT + 300 if _needs_kvm(item) else PLAIN_TIME_LIMIT
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with _time_limited(item, "set-up"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with _time_limited(item, "call"):
+        yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item):
+    with _time_limited(item, "tear-down"):
+        yield
+
+
+class _time_limited:
+    """SIGALRM after the limit: the test fails where it waits (the main thread's blocking
+    calls are interrupted by the handler's exception), with the traceback."""
+
+    def __init__(self, item: pytest.Item, phase: str) -> None:
+        self.limit, self.what = time_limit(item), f"{item.nodeid} ({phase})"
+
+    def _expired(self, signum, frame) -> None:
+        pytest.fail(f"{self.what}: over its time limit of {self.limit:.0f} s", pytrace=True)
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGALRM, self._expired)
+        signal.setitimer(signal.ITIMER_REAL, self.limit)
+
+    def __exit__(self, *exc) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self.previous)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

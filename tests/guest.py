@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import select
 import string
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # A boot takes ~35-55 s on our PVM CI host (guest kernel code is emulated);
@@ -27,6 +29,26 @@ def vmm_run(*args: str, timeout: float = BOOT_TIMEOUT, input: bytes | None = Non
         [sys.executable, "-m", "vmm", "run", *args], capture_output=True, timeout=timeout,
         input=input, env={**os.environ, **(env or {})},
     )
+
+
+def read_line(stream, timeout: float = BOOT_TIMEOUT) -> bytes:
+    """One line from a subprocess's pipe, or AssertionError after ``timeout`` s: a test
+    waiting on a guest that never answers fails, it does not hang. b"" at the end.
+
+    Reads the descriptor itself, a byte at a time: nothing stays in Python's buffer,
+    so the stream can still be read (communicate) afterwards.
+    """
+    fd, line = stream.fileno(), bytearray()
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"no line within {timeout} s (so far: {bytes(line)!r})")
+        byte = os.read(fd, 1)
+        if not byte:
+            break
+        line += byte
+    return bytes(line)
 
 
 def decode_argv(encoded: str) -> list[str]:

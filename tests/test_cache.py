@@ -15,7 +15,7 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from tests.guest import BOOT_TIMEOUT
+from tests.guest import BOOT_TIMEOUT, read_line
 from vmm.cli import main
 from vmm.snapshot import cache
 from vmm.snapshot.state import STATE_FILE
@@ -73,9 +73,9 @@ def test_a_snapshot_held_by_another_process_is_in_use(snapshots):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY);"
          "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); time.sleep(60)", str(directory)],
-        stdout=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE)
     try:
-        assert holder.stdout.readline() == "held\n"
+        assert read_line(holder.stdout, 60) == b"held\n"
         assert cache.prune(0) == [] and names() == ["held"]
     finally:
         holder.kill()
@@ -121,7 +121,7 @@ def test_a_running_vmm_keeps_its_snapshot_through_prune_all(tmp_path):
     running = subprocess.Popen([*vmm, "run", "--", "sh", "-c", "echo up; sleep 8"],
                                stdout=subprocess.PIPE)
     try:
-        assert running.stdout.readline() == b"up\n"  # restored: it holds its snapshot
+        assert read_line(running.stdout) == b"up\n"  # restored: it holds its snapshot
         pruned = subprocess.run([*vmm, "cache", "prune", "--all"], capture_output=True, text=True,
                                 timeout=60)
         assert pruned.returncode == 0 and "(1 in use)" in pruned.stdout, pruned.stdout

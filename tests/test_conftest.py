@@ -41,3 +41,24 @@ def test_passed_kvm_tests_are_counted(tmp_path):
     assert result.returncode == 0, result.stdout
     assert report == "1\n"
     assert "kvm/boot tests: 1 of 1 collected passed" in result.stdout
+
+
+def test_a_test_that_waits_forever_fails_at_its_time_limit(tmp_path):
+    """The backstop: a blocking wait (here a pipe nobody writes to) is interrupted, the test
+    fails naming its limit, and the next test still runs."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(
+        "import os, pytest\n"
+        "@pytest.mark.time_limit(1)\n"
+        "def test_waits_forever():\n"
+        "    read_end, _write_end = os.pipe()\n"
+        "    os.read(read_end, 1)\n"
+        "def test_next():\n"
+        "    pass\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(ROOT),
+         "-c", str(ROOT / "pyproject.toml"), "--confcutdir", str(ROOT), "-p", "tests.conftest",
+         str(probe)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "over its time limit of 1 s" in result.stdout, result.stdout
+    assert "1 failed, 1 passed" in result.stdout, result.stdout

@@ -13,6 +13,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
+from tests.guest import read_line
+
 pytestmark = pytest.mark.kvm
 
 VMM = [sys.executable, "-m", "vmm"]
@@ -75,7 +77,7 @@ def _sigterm_within_a_second(argv, settle: float = 0.2):
     """Start argv, wait for its "r" line and ``settle`` s more, SIGTERM it: (status, s taken, stderr)."""
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert process.stdout.readline() == b"r\n"  # the guest is running
+        assert read_line(process.stdout, 60) == b"r\n"  # the guest is running
         time.sleep(settle)
         assert process.poll() is None
         sent = time.monotonic()

@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.guest import BOOT_TIMEOUT
+from tests.guest import BOOT_TIMEOUT, read_line
 from tests.packages import require
 
 pytestmark = [pytest.mark.kvm, pytest.mark.boot]
@@ -39,12 +39,12 @@ def listen(port):
 rx, tx = listen(5001), listen(5002)
 print("listening", flush=True)
 def receive():
-    c, _ = rx.accept(); h = hashlib.md5(); n = 0
+    c, _ = rx.accept(); c.settimeout(120); h = hashlib.md5(); n = 0
     while (b := c.recv(65536)):
         h.update(b); n += len(b)
     print("received", n, h.hexdigest(), flush=True)
 def send():
-    c, _ = tx.accept(); c.sendall(data); c.close()
+    c, _ = tx.accept(); c.settimeout(120); c.sendall(data); c.close()
 threads = [threading.Thread(target=f) for f in (receive, send)]
 [t.start() for t in threads]; [t.join() for t in threads]
 # then from the guest's httpd (sendfile: the guest's kernel sends segments of up to 64 KiB)
@@ -93,7 +93,7 @@ def test_guest_pings_and_exchanges_tcp_with_the_host_byte_for_byte(namespace, tm
     server = subprocess.Popen(["ip", "netns", "exec", namespace, sys.executable, "-c", HOST_SERVER,
                                pattern.hex(), HOST, GUEST], stdout=subprocess.PIPE, text=True)
     try:
-        assert server.stdout.readline().strip() == "listening"
+        assert read_line(server.stdout, 60).strip() == b"listening"
         script = (f"ping -c 1 -W 10 {HOST} | grep -o '1 packets received'; "
                   "yes vmm-net | head -c 100000 > /tmp/d; md5sum < /tmp/d; "
                   f"nc {HOST} 5001 < /tmp/d; nc {HOST} 5002 | md5sum; "
@@ -190,7 +190,7 @@ def test_user_networking_fetches_from_the_hosts_loopback_and_forwards_a_port(tmp
     try:
         lines = []
         while "ready" not in lines:
-            line = vmm.stdout.readline()
+            line = read_line(vmm.stdout).decode()
             assert line, f"the guest ended early: {lines} {vmm.stderr.read()}"
             lines.append(line.strip())
         assert lines[0] == "inet 10.0.2.15/24"

@@ -100,7 +100,7 @@ def test_settings_carry_the_process_and_kernel_mounts(tmp_path):
     assert settings[-1] == "uid=5"  # the identity changes last, as runc does
 
 
-def test_one_container_at_a_time_boots_and_saves_a_base(tmp_path, monkeypatch):
+def test_one_vmm_at_a_time_claims_the_build_of_a_container_base(tmp_path, monkeypatch):
     """A second first-container of the same size boots on its own root instead of waiting."""
     import fcntl
 

@@ -297,15 +297,18 @@ def test_receive_waits_for_a_buffer_then_delivers_when_one_is_posted(memory):
     device = VirtioNet(Backend(), default_mac(0))
     device.transport = Transport(memory, [])
     stop = threading.Event()
-    waiting = threading.Thread(target=device.receive, args=(FRAME, stop.is_set))
+    waiting = threading.Thread(target=device.receive, args=(FRAME, stop.is_set), daemon=True)
     waiting.start()
-    waiting.join(0.3)
-    assert waiting.is_alive()  # the backend's thread is held: no buffer
-    device.transport.chains.append(DescriptorChain(7, [Buffer(0x6000, 2048, True)]))
-    with device.transport.lock:
-        device.buffers_posted(RX)
-    waiting.join(5)
-    assert not waiting.is_alive() and device.transport.used == [(7, HEADER.size + len(FRAME))]
+    try:
+        waiting.join(0.3)
+        assert waiting.is_alive()  # the backend's thread is held: no buffer
+        device.transport.chains.append(DescriptorChain(7, [Buffer(0x6000, 2048, True)]))
+        with device.transport.lock:
+            device.buffers_posted(RX)
+        waiting.join(5)
+        assert not waiting.is_alive() and device.transport.used == [(7, HEADER.size + len(FRAME))]
+    finally:
+        stop.set()  # a failed assertion must not leave the thread waiting
 
 
 def test_bad_received_frames_and_small_buffers_are_dropped(memory):
@@ -438,7 +441,7 @@ def test_too_few_mergeable_buffers_go_back_and_the_frame_waits_for_more():
     device, transport, driver, memory = mergeable_nic()
     first = post(driver, 1024)
     frame = FRAME[:14] + bytes(3000)
-    waiting = threading.Thread(target=device.receive, args=(frame,))
+    waiting = threading.Thread(target=device.receive, args=(frame,), daemon=True)
     waiting.start()
     waiting.join(0.3)
     assert waiting.is_alive() and driver.used_idx() == 0  # nothing used: the buffer went back
@@ -470,11 +473,12 @@ def test_a_malformed_chain_among_mergeable_buffers_loses_the_frame_not_the_ring(
 def test_a_frame_bigger_than_the_whole_ring_is_dropped_not_waited_for():
     device, transport, driver, memory = mergeable_nic(queue_size=4)
     post(driver, 16, 16, 16, 16)
-    done = threading.Thread(target=device.receive, args=(FRAME[:14] + bytes(1000),))
+    done = threading.Thread(target=device.receive, args=(FRAME[:14] + bytes(1000),), daemon=True)
     done.start()
     done.join(5)
     assert not done.is_alive()
     assert [c.length for c in driver.collect()] == [0, 0, 0, 0]
+    assert transport.stats.errors == {"frame larger than every posted buffer": 1}  # counted
 
 
 def test_a_mergeable_buffer_the_device_cannot_write_drops_the_frame(memory):

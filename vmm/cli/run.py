@@ -76,6 +76,8 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--firmware", metavar="NAME|PATH",
               help="Run one of our payloads (hello, longmode, exitbench, fail) or a raw binary.")
+@click.option("--exits", type=click.IntRange(1, 0xFFFFFFFF), default=None, metavar="N",
+              help="With --firmware exitbench: how many exits it makes [default: 100000].")
 @machine_options
 @click.option("--restore", metavar="DIR",
               help="Start from this snapshot (vmm snapshot create) instead of booting.")
@@ -96,7 +98,7 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
 @click.option("--metrics", metavar="FILE",
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify, runloop, trace,
+def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify, runloop, trace,
         stats, timeout, console_log, restore, cold, profile, profile_out, symbols, initcalls,
         gdb, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status.
@@ -114,6 +116,8 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_
             profile_options = ProfileOptions(hz=parse_hz(profile), out=profile_out, symbols=symbols)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if exits is not None and firmware != "exitbench":
+        raise UsageError("--exits N: only with --firmware exitbench (the payload that counts them)")
     if firmware and (profile_options or initcalls or restore):
         raise UsageError("--profile/--initcalls/--restore: only for Linux guests, not --firmware")
     if restore and any(n != "none" for n in nets):
@@ -147,7 +151,7 @@ def run(firmware, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_
     if firmware:
         from vmm.session import run_firmware
 
-        result = run_firmware(config, gdb=gdb_address)
+        result = run_firmware(config, gdb=gdb_address, bench_count=exits or 0)
     else:
         import vmm.builder  # noqa: F401 (the KVM bindings: counted in imports_done)
         from vmm.session import run_linux_guest
