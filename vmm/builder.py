@@ -243,7 +243,7 @@ def build_linux_vm(
     from vmm.arch.x86_64.layout import ram_ranges
 
     # 0. The guest's files, checked and read before KVM is touched.
-    check_guest_files(config)
+    check_guest_files(config, disks=False)  # the devices open the disks (step 4)
     kernel_path, system_map = resolve_kernel(config, progress)
     kernel = _read_image(kernel_path, "kernel", mapped=True)
     initrd_path = resolve_initrd(config, progress)

@@ -40,6 +40,9 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, vir
     config = build_config(kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
                           disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop,
                           trace=trace, stats=stats, timeout=timeout, console_log=console_log)
+    from vmm.loader.files import check_guest_files
+
+    check_guest_files(config)  # as `vmm run` checks them
     start = time.monotonic()
     result = run_linux(config, start=SaveAtReady(target))
     if result.outcome.reason is not StopReason.SNAPSHOT_SAVED:

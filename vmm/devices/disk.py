@@ -86,9 +86,6 @@ class RawDiskImage:
         self.block_device = False
         self._open()
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
-        if self.size == 0:
-            self.close()
-            raise self._fail("empty file: a disk image holds at least one 512-byte sector")
 
     def _fail(self, why: str) -> DeviceError:
         return DeviceError(f"{self.path}: {why}")

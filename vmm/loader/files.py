@@ -75,17 +75,28 @@ def check_initrd(path: str | Path) -> None:
 
 
 def check_disks(disks) -> None:
-    """Each disk opened as the VM will open it (locked, checked), then let go again."""
+    """Each disk opened as the VM will open it (locked, checked), then let go again; an
+    empty one is refused (vmm's own empty placeholder, the container base's, is not a
+    user's disk and does not come through here)."""
     from vmm.devices.disk import RawDiskImage
 
     for disk in disks:
-        RawDiskImage(disk.path, disk.read_only).close()
+        image = RawDiskImage(disk.path, disk.read_only)
+        size = image.size
+        image.close()
+        if size == 0:
+            raise LoaderError(f"{disk.path}: empty file: a disk image holds at least one "
+                              "512-byte sector")
 
 
-def check_guest_files(config) -> None:
-    """Every file a Linux guest's configuration names, before anything else uses them."""
+def check_guest_files(config, *, disks: bool = True) -> None:
+    """Every file a Linux guest's configuration names, before anything else uses them.
+
+    ``disks``: False where the devices open the disks themselves next (the builder).
+    """
     if config.kernel:
         check_kernel(config.kernel)
     if config.initrd and config.initrd != "none":
         check_initrd(config.initrd)
-    check_disks(config.disks)
+    if disks:
+        check_disks(config.disks)
