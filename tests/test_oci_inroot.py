@@ -94,7 +94,7 @@ def build(top: Path, nodes: dict[str, str]) -> None:
             where.symlink_to(kind or ".")
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(nodes=NODES, path=PATHS)
 def test_the_walk_lands_where_the_kernels_resolve_in_root_does(tmp_path_factory, nodes, path):
     top = tmp_path_factory.mktemp("root")

@@ -68,7 +68,9 @@ class Spot:
 
 
 def _parts(path: str) -> list[str]:
-    return [part for part in path.split("/") if part not in ("", ".")]
+    """The components; "" (a trailing or doubled slash) as ".": after a name, either one
+    means that name must be a directory ("file/." is ENOTDIR), as for the kernel."""
+    return [part or "." for part in path.split("/")]
 
 
 @contextmanager
@@ -112,6 +114,8 @@ class _Walk:
         todo, links = deque(_parts(path)), 0
         while todo:
             name = todo.popleft()
+            if name == ".":
+                continue  # the name before it was entered as a directory, or refused
             if name == "..":
                 if len(self.stack) > 1:
                     os.close(self.stack.pop()[0])
