@@ -134,10 +134,12 @@ class MarkerWatcher(io.RawIOBase):
             text = line.decode(errors="replace").strip()
             self.lines.append(text)
             if text.startswith("@@mark ") and self.machine is not None:
-                from vmm.devices.virtio.attach import device_counters
+                from vmm.devices.virtio.mmio import VirtioMmioTransport
 
-                name = text.split()[1]
-                self.snapshots[name] = device_counters(self.machine)
+                name = text.split()[1]  # every transport's counters, by device id (blk0...)
+                self.snapshots[name] = {m.name: m.device.counters()
+                                        for m in self.machine.mmio.mappings()
+                                        if isinstance(m.device, VirtioMmioTransport)}
                 if name.endswith("-begin"):
                     for m in self.machine.mmio.mappings():
                         if hasattr(m.device, "restart_timing"):
@@ -248,7 +250,7 @@ def run_guest(path_name: str, read_img: Path, write_img: Path, size_mib: int, ti
         if line.startswith("@@uptime "):
             _, phase, u0, u1 = line.split()
             uptimes[phase] = float(u1) - float(u0)
-    for phase, device in (("read", "virtio-blk0"), ("write", "virtio-blk1")):
+    for phase, device in (("read", "blk0"), ("write", "blk1")):
         out[phase] = phase_figures(watcher.snapshots[f"{phase}-begin"][device],
                                    watcher.snapshots[f"{phase}-end"][device], phase,
                                    uptimes.get(phase, 0.0))

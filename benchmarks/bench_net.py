@@ -198,7 +198,7 @@ def through_vmm(name: str, net: str, host: str, size: int, bind: str,
             return {"backend": name, "error": [f"status {vm.returncode}, {got} bytes, "
                                                f"{len(trips)} round trips", *err.splitlines()[-1:]]}
         data = json.loads(metrics.read_text())
-    nic = data["devices"].get("virtio-net0", {})
+    nic = data["devices"].get("net0", {})
     mb = 2 * size / MiB
     transfer = to_host + source.seconds
     return {

@@ -8,6 +8,8 @@ fail, never skip, without a usable /dev/kvm (tests/conftest.py).
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import re
 import time
 
@@ -103,7 +105,7 @@ def test_trace_prints_one_line_per_exit(runloop):
     trace = err.splitlines()
     assert len(trace) == 23 == result.stats.total
     pattern = re.compile(r"^\[\s*(\d+)\] vcpu0 io out port=(0x[0-9a-f]{4}) size=1 data=([0-9a-f]{2}) "
-                         r"\((serial|debug-exit)\) rip=0x[0-9a-f]+$")
+                         r"\((com1|debug-exit)\) rip=0x[0-9a-f]+$")
     matches = [pattern.match(line) for line in trace]
     assert all(matches), trace
     assert [int(m[1]) for m in matches] == list(range(1, 24))
@@ -238,3 +240,36 @@ def test_firmware_ram_is_split_around_the_gap_like_linux(mem):
     assert regions == layout.ram_ranges(mem)
     result, out, _err = run("longmode", "c", mem=mem)
     assert result.status == 0 and b"long mode" in out
+
+
+SIGNAL_WHILE_LOCKED = """
+import os, signal, sys
+from vmm.builder import build_firmware_vm
+from vmm.config import VmConfig
+from vmm.outcome import StopReason
+from vmm.runner import Runner, install_stop_signals
+
+runner = Runner(runloop=sys.argv[1])
+machine = build_firmware_vm(VmConfig(mem=2 << 20, firmware="exitbench", runloop=sys.argv[1]),
+                            lambda data: None,
+                            lambda status: runner.stop(status, StopReason.GUEST_EXIT),
+                            bench_count=0xFFFFFFFF)
+install_stop_signals(runner)
+with runner._stop_lock:  # what stop() holds, in the main thread, where handlers run
+    os.kill(os.getpid(), signal.SIGTERM)
+    for _ in range(1000):  # bytecodes: the handler runs between two of them, lock held
+        handled = runner.stopping
+print("handled while locked:", handled, flush=True)
+outcome = runner.run(machine.vcpus, machine.pio, machine.mmio, timeout=60)
+machine.close()
+print(outcome.status, outcome.reason, flush=True)
+"""
+
+
+@pytest.mark.parametrize("runloop", ["c", "python"])
+def test_a_sigterm_while_stop_holds_its_lock_ends_the_run(runloop):
+    """The handler takes no lock (it ran into stop()'s own, non-reentrant, and hung vmm):
+    it sets a flag the run turns into the stop, with SIGTERM's status."""
+    result = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_LOCKED, runloop],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["handled while locked: True", "143 SIGTERM"], result.stderr

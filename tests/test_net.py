@@ -115,7 +115,7 @@ def test_guest_pings_and_exchanges_tcp_with_the_host_byte_for_byte(namespace, tm
     assert host_side[:3] == ["received", "100000", sent_md5]  # guest -> host, byte for byte
     assert host_side[3:] == ["fetched", "100000", sent_md5]  # and again, in segments
     assert received_md5 == hashlib.md5(pattern * 1000).hexdigest()  # host -> guest
-    nic = json.loads((tmp_path / "metrics.json").read_text())["devices"]["virtio-net0"]
+    nic = json.loads((tmp_path / "metrics.json").read_text())["devices"]["net0"]
     assert nic["offloads"] == "mrg_rxbuf,csum,guest_csum,host_tso4,host_tso6,guest_tso4,guest_tso6"
     assert nic["segmented_sent"] > 0 and nic["segmented_received"] > 0, nic
     # Nothing dropped but, maybe, a frame the host sent before the driver's reset at probe.
@@ -230,7 +230,7 @@ def _run_twice(prefix: list[str], net: str, script: str, tmp_path) -> list[tuple
                                 capture_output=True, text=True, timeout=BOOT_TIMEOUT)
         assert result.returncode == 0, result.stderr
         data = json.loads(metrics.read_text())
-        runs.append((data["start"], result.stdout, data["devices"]["virtio-net0"]))
+        runs.append((data["start"], result.stdout, data["devices"]["net0"]))
     return runs
 
 

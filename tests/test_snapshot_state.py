@@ -33,7 +33,7 @@ from vmm.errors import SnapshotError, UsageError
 from vmm.memory import GuestMemory
 from vmm.snapshot import codec
 from vmm.snapshot.cache import cache_key, warm_start_possible
-from vmm.snapshot.state import DeviceStates, FileIdentity, HostIdentity, SnapshotMeta
+from vmm.snapshot.state import FileIdentity, HostIdentity, SnapshotMeta, _device_states
 from vmm.snapshot.statefile import FORMAT_VERSION, HEADER, decode_sections, encode_sections
 from virtio_driver import RAM_SIZE, FakeInterrupt, MockDriver
 
@@ -232,7 +232,8 @@ def test_state_file_round_trip() -> None:
     (lambda d: d + b"junk", "after the end"),
     (lambda d: b"NOTASNAP" + d[8:], "not a vmm snapshot"),
     (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "checksum mismatch"),
-    (lambda d: d[:8] + struct.pack("<I", FORMAT_VERSION + 1) + d[12:], "format 4, this vmm reads format 3"),
+    (lambda d: d[:8] + struct.pack("<I", FORMAT_VERSION + 1) + d[12:],
+         f"format {FORMAT_VERSION + 1}, this vmm reads format {FORMAT_VERSION}"),
 ])
 def test_bad_state_files_are_one_clear_error(mangle, why) -> None:
     with pytest.raises(SnapshotError, match=why) as error:
@@ -262,12 +263,60 @@ def test_sections_that_lie_about_their_length_are_refused() -> None:
 
 
 # --- the codec: types checked field by field -------------------------------------------------------
-def test_codec_round_trips_device_states() -> None:
-    states = DeviceStates(SerialState(rx_fifo=b"ab"), RtcState(), I8042State(output=3), MailboxState(), (), None)
-    assert codec.decode(DeviceStates, json.loads(json.dumps(codec.encode(states))), "devices") == states
-    two_uarts = dataclasses.replace(states, stderr_serial=SerialState(ier=1))
-    assert codec.decode(DeviceStates, json.loads(json.dumps(codec.encode(two_uarts))),
-                        "devices") == two_uarts
+def _table(*ids_kinds: tuple[str, str]):
+    """meta as _device_states reads it: the device table."""
+    from types import SimpleNamespace
+
+    from vmm.devices.model import DeviceRecord, Resources
+
+    return SimpleNamespace(devices=tuple(DeviceRecord(i, k, Resources(), {}) for i, k in ids_kinds))
+
+
+def test_device_states_round_trip_by_id_each_as_its_kinds_type() -> None:
+    states = {"com1": SerialState(rx_fifo=b"ab"), "rtc": RtcState(), "i8042": I8042State(output=3),
+              "mailbox": MailboxState(), "com2": SerialState(ier=1)}
+    meta = _table(("com1", "serial"), ("com2", "serial"), ("i8042", "i8042"), ("rtc", "rtc"),
+                  ("post", "post"), ("mailbox", "mailbox"))
+    data = json.loads(json.dumps(codec.encode(states)))
+    assert _device_states(meta, data, "vm.state") == states
+
+
+@pytest.mark.parametrize("table, data, why", [
+    ((("com1", "serial"),), {}, "devices: no state for com1"),
+    ((("com1", "serial"),), {"com1": codec.encode(SerialState()), "rtc": {}},
+     "'rtc' is not a device of meta.devices"),
+    ((("post", "post"),), {"post": {}}, "'post' is not a device of meta.devices"),  # keeps none
+    ((("x", "floppy"),), {}, "x is a 'floppy', a kind of device this vmm does not have"),
+    ((("com1", "serial"), ("com1", "serial")), {"com1": codec.encode(SerialState())},
+     "com1 twice"),
+    ((("com1", "rtc"),), {"com1": codec.encode(SerialState())}, "devices.com1: unknown field"),
+])
+def test_device_states_refuse_what_the_table_does_not_say(table, data, why) -> None:
+    with pytest.raises(SnapshotError, match=why):
+        _device_states(_table(*table), data, "vm.state")
+
+
+def test_a_restore_into_other_devices_names_the_device_and_the_field() -> None:
+    from vmm.config import NetConfig, VmConfig
+    from vmm.devices.model import check_same_devices, plan_devices
+    from vmm.devices.platform import LINUX_DEVICES
+
+    def table(config: VmConfig):
+        return tuple(spec.record() for spec in plan_devices(LINUX_DEVICES, config))
+
+    saved = table(VmConfig(nets=(NetConfig.parse("user"),)))
+    check_same_devices(saved, table(VmConfig(nets=(NetConfig.parse("user"),))), "snap")
+    for other, why in [
+        (VmConfig(nets=(NetConfig.parse("user,offload=off"),)),
+         "snap: device net0: features is .* in the snapshot, .* in this VM"),
+        (VmConfig(nets=(NetConfig.parse("tap=x,mac=52:54:00:00:00:09"),)),
+         "snap: device net0: backend is 'user' in the snapshot, 'tap' in this VM"),
+        (VmConfig(), "snap: the snapshot's VM has device net0 .virtio-net., this one does not"),
+        (VmConfig(nets=(NetConfig.parse("user"),), stderr_uart=True),
+         "snap: this VM has device com2 .serial., the snapshot's does not"),
+    ]:
+        with pytest.raises(SnapshotError, match=why):
+            check_same_devices(saved, table(other), "snap")
 
 
 @pytest.mark.parametrize("change, why", [

@@ -17,7 +17,6 @@ from vmm.devices.bus import Bus
 from vmm.devices.disk import RawDiskImage
 from vmm.devices.virtio import block as blk
 from vmm.devices.virtio import mmio
-from vmm.devices.virtio.attach import attach_block_devices
 from vmm.devices.virtio.block import (
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
@@ -843,12 +842,23 @@ def test_needs_reset_bit_cannot_be_cleared_by_the_driver(rig):
     assert rig.driver.status & mmio.STATUS_NEEDS_RESET
 
 
-# --- attach ----------------------------------------------------------------------------------------------
+# --- attach: virtio-blk through the device model ------------------------------------------------
 class FakeMachine:
     def __init__(self):
         self.memory = GuestMemory([(0, RAM_SIZE)])
         self.mmio = Bus("mmio")
         self.closers = []
+
+
+def attach_disks(machine, disks, irq_line, warn=None, notify="exit"):
+    """The virtio-blk device type alone, as the builder makes it (vmm/devices/model.py)."""
+    from vmm.config import VmConfig
+    from vmm.devices.model import DeviceManager, Wiring
+    from vmm.devices.virtio.attach import VIRTIO_BLK
+
+    wiring = Wiring(machine, VmConfig(disks=tuple(disks), virtio_notify=notify), lambda data: None,
+                    events=None, irq_lines=irq_line, warn=warn or (lambda message: None))
+    return DeviceManager.build((VIRTIO_BLK,), wiring)
 
 
 def test_attach_block_devices(tmp_path):
@@ -865,16 +875,19 @@ def test_attach_block_devices(tmp_path):
         return FakeInterrupt()
 
     disks = (DiskConfig(str(paths[0])), DiskConfig(str(paths[1]), read_only=True, serial="B"))
-    fragments = attach_block_devices(machine, disks, irq_line, warn=warnings.append)
-    assert fragments == ["virtio_mmio.device=4K@0xd0000000:5", "virtio_mmio.device=4K@0xd0001000:6"]
+    devices = attach_disks(machine, disks, irq_line, warn=warnings.append)
+    assert devices.cmdline == ["virtio_mmio.device=4K@0xd0000000:5",
+                               "virtio_mmio.device=4K@0xd0001000:6"]
     assert irqs == [5, 6]
     assert len(warnings) == 1 and str(paths[1]) in warnings[0]
     mappings = machine.mmio.mappings()
     assert [(m.base, m.length, m.name) for m in mappings] == [
-        (0xD000_0000, 0x1000, "virtio-blk0"), (0xD000_1000, 0x1000, "virtio-blk1")]
+        (0xD000_0000, 0x1000, "blk0"), (0xD000_1000, 0x1000, "blk1")]
     assert machine.mmio.read(0xD000_1000, 4) == struct.pack("<I", mmio.MAGIC_VALUE)
     assert machine.mmio.read(0xD000_1008, 4) == struct.pack("<I", 2)
     assert mappings[1].device.device.read_only
+    assert [r.guest for r in devices.records()] == [{"read_only": False, "serial": ""},
+                                                    {"read_only": True, "serial": "B"}]
     assert len(machine.closers) == 2
     for close in machine.closers:
         close()
@@ -886,8 +899,8 @@ def test_attach_fails_cleanly_on_a_missing_disk(tmp_path):
     good.write_bytes(bytes(4096))
     machine = FakeMachine()
     with pytest.raises(DeviceError, match="no such file"):
-        attach_block_devices(machine, (DiskConfig(str(good)), DiskConfig(str(tmp_path / "nope"))),
-                             lambda irq: FakeInterrupt())
+        attach_disks(machine, (DiskConfig(str(good)), DiskConfig(str(tmp_path / "nope"))),
+                     lambda irq: FakeInterrupt())
     assert len(machine.closers) == 1  # the first disk is closed by the machine
     for close in machine.closers:
         close()
@@ -897,7 +910,7 @@ def test_attach_fails_cleanly_on_a_missing_disk(tmp_path):
 def test_attach_refuses_too_many_disks(tmp_path):
     machine = FakeMachine()
     with pytest.raises(DeviceError, match="at most"):
-        attach_block_devices(machine, (DiskConfig("x"),) * 9, lambda irq: FakeInterrupt())
+        attach_disks(machine, (DiskConfig("x"),) * 9, lambda irq: FakeInterrupt())
     machine.memory.close()
 
 

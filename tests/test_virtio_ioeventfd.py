@@ -16,10 +16,10 @@ import time
 
 import pytest
 
+from tests.test_virtio_blk import attach_disks
 from vmm.config import DiskConfig, NotifyPath, VmConfig
 from vmm.devices.bus import Bus
 from vmm.devices.virtio import mmio
-from vmm.devices.virtio.attach import attach_block_devices, device_counters
 from vmm.devices.virtio.iothread import IoEventThread, IrqfdLine
 from vmm.errors import UsageError
 from vmm.memory import GuestMemory
@@ -178,16 +178,16 @@ def attached(tmp_path):
     vm = FakeVm()
     machine = FakeMachine(vm)
     lines = []
-    fragments = attach_block_devices(machine, (DiskConfig(str(path)),),
-                                     lambda irq: lines.append(irq) or FakeInterrupt(),
-                                     notify=(NotifyPath.IOEVENTFD,))
-    yield path, vm, machine, fragments, lines
+    devices = attach_disks(machine, (DiskConfig(str(path)),),
+                           lambda irq: lines.append(irq) or FakeInterrupt(), notify="ioeventfd")
+    yield path, vm, machine, devices, lines
     machine.close()
 
 
 def test_attach_registers_one_ioeventfd_per_queue_on_queue_notify(attached):
-    path, vm, machine, fragments, lines = attached
-    assert fragments == ["virtio_mmio.device=4K@0xd0000000:5"]
+    path, vm, machine, devices, lines = attached
+    assert devices.cmdline == ["virtio_mmio.device=4K@0xd0000000:5"]
+    assert devices.threads == {"blk0": ("virtio-blk0-io",)}
     assert lines == []  # no KVM_IRQ_LINE line: the interrupt is an irqfd on GSI 5
     assert list(vm.irqfds) == [5]
     transport = machine.mmio.mappings()[0].device
@@ -197,7 +197,7 @@ def test_attach_registers_one_ioeventfd_per_queue_on_queue_notify(attached):
 
 
 def test_requests_complete_through_the_io_thread(attached):
-    path, vm, machine, _, _ = attached
+    path, vm, machine, devices, _ = attached
     transport = machine.mmio.mappings()[0].device
     driver = EventfdDriver(machine, transport, vm.irqfds[5]).init()
     data = path.read_bytes()
@@ -207,7 +207,7 @@ def test_requests_complete_through_the_io_thread(attached):
     assert driver.read(100, 2).data == pattern
     assert path.read_bytes()[100 * 512:102 * 512] == pattern
     assert driver.paths and set(driver.paths) == {"ioeventfd"}  # no notify was an MMIO exit
-    counters = device_counters(machine)["virtio-blk0"]
+    counters = devices.counters()["blk0"]
     assert counters["requests"] == 3
     assert counters["notifications"] == len(driver.paths)
     assert counters["interrupts"] == 3 and counters["interrupt"] == "irqfd"
@@ -255,8 +255,8 @@ def test_no_ioeventfd_in_this_kvm_falls_back_to_exits(tmp_path):
     path.write_bytes(bytes(DISK_SIZE))
     machine = FakeMachine(FakeVm(capable=False))
     warnings = []
-    attach_block_devices(machine, (DiskConfig(str(path)),), lambda irq: FakeInterrupt(),
-                         warnings.append, notify=(NotifyPath.IOEVENTFD,))
+    attach_disks(machine, (DiskConfig(str(path)),), lambda irq: FakeInterrupt(),
+                 warnings.append, notify="ioeventfd")
     assert machine.mmio.mappings()[0].device.notify_path == "exit"
     assert machine.vm.ioeventfds == [] and "fall back" in warnings[0]
     machine.close()
@@ -275,8 +275,7 @@ def test_one_notification_path_per_disk(tmp_path):
         path.write_bytes(bytes(DISK_SIZE))
         disks.append(DiskConfig(str(path)))
     machine = FakeMachine(FakeVm())
-    attach_block_devices(machine, tuple(disks), lambda irq: FakeInterrupt(),
-                         notify=(NotifyPath.EXIT, NotifyPath.IOEVENTFD))
+    attach_disks(machine, tuple(disks), lambda irq: FakeInterrupt(), notify="exit,ioeventfd")
     assert [m.device.notify_path for m in machine.mmio.mappings()] == ["exit", "ioeventfd", "ioeventfd"]
     assert sorted(machine.vm.irqfds) == [6, 7]
     machine.close()

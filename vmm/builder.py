@@ -19,6 +19,7 @@ from typing import Callable
 from vmm.arch.x86_64 import cpu, layout
 from vmm.config import VmConfig, check_argv
 from vmm.devices.legacy import DebugExit, Sink
+from vmm.devices.model import DeviceKind, DeviceManager, Wiring
 from vmm.devices.serial import Serial16550
 from vmm.errors import LoaderError, UsageError, unreadable
 from vmm.kvm.capabilities import FIRMWARE, LINUX, require
@@ -95,7 +96,7 @@ def build_firmware_vm(
         # 3. The payload, ending at 1 MiB like a BIOS ROM.
         machine.memory.write(layout.FIRMWARE_END - len(image), image)
         # 4. Devices: console, exit port, POST codes, the benchmark port.
-        machine.pio.register(layout.COM1_PORT, 8, Serial16550(output), "serial")
+        machine.pio.register(layout.COM1_PORT, 8, Serial16550(output), "com1")
         machine.pio.register(layout.EXIT_PORT, 1, DebugExit(on_exit), "debug-exit")
         machine.pio.register(layout.POST_PORT, 1, Sink(0xFF), "post")
         machine.pio.register(layout.BENCH_PORT, layout.BENCH_PORT_SIZE, Sink(bench_count), "bench")
@@ -156,25 +157,11 @@ def encode_argv(argv: tuple[str, ...]) -> str:
 
 
 @dataclass
-class LinuxDevices:
-    """The devices of a Linux guest, by name: what a snapshot saves and restores."""
-
-    serial: Serial16550
-    i8042: object  # vmm.devices.i8042.I8042
-    rtc: object  # vmm.devices.rtc.CmosRtc
-    boot_timer: object  # vmm.devices.legacy.BootTimer
-    mailbox: object  # vmm.devices.mailbox.Mailbox
-    virtio: list  # vmm.devices.virtio.mmio.VirtioMmioTransport, one per disk
-    cmdline: list[str]  # what the guest needs to find them (virtio_mmio.device=...)
-    stderr_serial: Serial16550 | None = None  # ttyS1, with VmConfig.stderr_uart
-
-
-@dataclass
 class LinuxGuest:
     """What run_linux needs beyond the Machine: devices it reads from, and how it booted."""
 
     machine: Machine
-    devices: LinuxDevices
+    devices: DeviceManager
     entry: object  # vmm.loader.linux.BootEntry; None for a VM restored from a snapshot
     cmdline: str
     kernel_path: Path
@@ -255,19 +242,19 @@ def build_linux_vm(
         undo.callback(machine.close)
         guest = _load_and_wire(machine, config, kernel, kernel_path, system_map, initrd,
                                initrd_path, output, events, mailbox)
-        _name_new_tap_devices(machine, config, progress)
+        _name_new_tap_devices(guest.devices, progress)
         undo.pop_all()  # success: the caller closes the machine
         return guest
 
 
-def _name_new_tap_devices(machine: Machine, config: VmConfig, progress) -> None:
+def _name_new_tap_devices(devices: DeviceManager, progress) -> None:
     """``--net tap`` without a name: the kernel chose one, which the user needs (ip addr ...)."""
-    unnamed = [i for i, net in enumerate(config.nets) if net.backend == "tap" and not net.name]
-    if not unnamed:
-        return
-    backends = {m.name: m.device.device.backend for m in machine.mmio.mappings()}
-    for i in unnamed:
-        progress(f"--net tap: eth{i} is on the host's TAP device {backends[f'virtio-net{i}'].name}")
+    for attached in devices:
+        net = attached.spec.source
+        if attached.spec.kind is DeviceKind.VIRTIO_NET and net.backend == "tap" and not net.name:
+            index = attached.spec.id.removeprefix("net")
+            progress(f"--net tap: eth{index} is on the host's TAP device "
+                     f"{attached.device.device.backend.name}")
 
 
 def create_linux_machine(config: VmConfig, memory: GuestMemory) -> Machine:
@@ -308,64 +295,19 @@ def create_linux_machine(config: VmConfig, memory: GuestMemory) -> Machine:
     return machine
 
 
-def add_linux_devices(machine: Machine, config: VmConfig, output, events: GuestEvents) -> LinuxDevices:
-    """Every device a Linux guest gets: create, wire the IRQ, register on the bus.
+def add_linux_devices(machine: Machine, config: VmConfig, output, events: GuestEvents) -> DeviceManager:
+    """Every device a Linux guest gets (vmm/devices/platform.py): made, wired, on its bus.
 
     The same for a boot and a restore: a snapshot holds the devices' states,
     not the devices.
     """
-    from vmm.devices.i8042 import COMMAND as I8042_COMMAND, DATA as I8042_DATA, I8042
-    from vmm.devices.irq import IrqLine
-    from vmm.devices.legacy import BootTimer
-    from vmm.devices.mailbox import Mailbox
-    from vmm.devices.rtc import CmosRtc
+    from vmm.devices.platform import LINUX_DEVICES
 
-    vm = machine.vm
-    serial = Serial16550(output, IrqLine(vm.irq_line, layout.COM1_IRQ))
-    machine.pio.register(layout.COM1_PORT, 8, serial, "serial")
-    stderr_serial, cmdline = None, []
-    if config.stderr_uart:
-        stderr_serial = Serial16550(events.on_error_output or (lambda data: None),
-                                    IrqLine(vm.irq_line, layout.COM2_IRQ))
-        machine.pio.register(layout.COM2_PORT, 8, stderr_serial, "serial-stderr")
-        cmdline.append("8250.nr_uarts=2")  # the kernel probes one UART unless told
-    i8042 = I8042(events.on_reset)
-    # Two one-port windows: 0x61 between them is the PC's system control port B,
-    # which KVM's PIT answers in the kernel (KVM_PIT_SPEAKER_DUMMY).
-    machine.pio.register(layout.I8042_DATA_PORT, 1, i8042, "i8042", offset=I8042_DATA)
-    machine.pio.register(layout.I8042_COMMAND_PORT, 1, i8042, "i8042", offset=I8042_COMMAND)
-    rtc = CmosRtc()
-    machine.pio.register(layout.RTC_PORT, 2, rtc, "rtc")
-    machine.pio.register(layout.POST_PORT, 1, Sink(0xFF), "post")
-    machine.pio.register(layout.EXIT_PORT, 1, DebugExit(events.on_exit), "debug-exit")
-    boot_timer = BootTimer()
-    machine.pio.register(layout.BOOT_TIMER_PORT, 1, boot_timer, "boot-timer")
-    mailbox = Mailbox(events.on_ready or (lambda address, length: None))
-    machine.pio.register(layout.MAILBOX_PORT, layout.MAILBOX_PORT_SIZE, mailbox, "mailbox")
-    transports = []
-    if config.disks:
-        from vmm.devices.virtio.attach import attach_block_devices
-
-        cmdline += attach_block_devices(
-            machine, config.disks, lambda irq: IrqLine(vm.irq_line, irq),
-            notify=config.notify_paths,
-            trace=_stderr_line if config.trace else None)
-    if config.nets:
-        from vmm.devices.virtio.attach import attach_net_devices
-
-        cmdline += attach_net_devices(machine, config.nets, len(config.disks),
-                                      lambda irq: IrqLine(vm.irq_line, irq),
-                                      trace=_stderr_line if config.trace else None)
-    if config.disks or config.nets:
-        from vmm.devices.virtio.mmio import VirtioMmioTransport
-
-        transports = [m.device for m in machine.mmio.mappings()
-                      if isinstance(m.device, VirtioMmioTransport)]
-    return LinuxDevices(serial, i8042, rtc, boot_timer, mailbox, transports, cmdline,
-                        stderr_serial)
+    wiring = Wiring(machine, config, output, events, trace=_stderr_line if config.trace else None)
+    return DeviceManager.build(LINUX_DEVICES, wiring)
 
 
-def linux_cmdline(config: VmConfig, machine: Machine, devices: LinuxDevices, limit: int,
+def linux_cmdline(config: VmConfig, machine: Machine, devices: DeviceManager, limit: int,
                   mailbox: bool):
     """The kernel command line: vmm's own options, the devices', the user's, the command."""
     from vmm.arch.x86_64 import pvm

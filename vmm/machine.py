@@ -31,10 +31,17 @@ class Machine:
             self.vm.set_user_memory_region(slot, region.start, region.size, region.host_address)
 
     def close(self) -> None:
-        for close in reversed(self.closers):
-            close()
-        for vcpu in self.vcpus:
-            vcpu.close()
-        self.vm.close()
-        self.memory.close()
-        self.kvm.close()
+        """Every step runs, whichever fails (the first failure is raised at the end), and
+        a second call does nothing: the devices' closers (in reverse: I/O threads before
+        the files they use), the vCPUs, the VM, guest RAM, /dev/kvm."""
+        steps = [*reversed(self.closers), *(v.close for v in self.vcpus), self.vm.close,
+                 self.memory.close, self.kvm.close]
+        self.closers, self.vcpus = [], []
+        first: BaseException | None = None
+        for step in steps:
+            try:
+                step()
+            except BaseException as e:  # noqa: BLE001 - the rest must still run
+                first = first or e
+        if first is not None:
+            raise first

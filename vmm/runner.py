@@ -61,6 +61,7 @@ class Runner:
         self.tick: Callable[[Vcpu], None] | None = None  # called on EINTR (profiler)
         self.on_debug = None  # KVM_EXIT_DEBUG handler (vmm/gdb/stub.py), given to the dispatcher
         self._stop_lock = threading.Lock()
+        self._signalled: tuple[int, StopReason] | None = None  # stop_from_signal's, for run()
         # Pausing: vCPU threads park on this condition (an RLock inside: a
         # signal handler calling stop() may run while the main thread holds it).
         self._cond = threading.Condition()
@@ -81,9 +82,25 @@ class Runner:
         with self._cond:
             self._cond.notify_all()  # parked vCPU threads: go and stop
 
+    def stop_from_signal(self, status: int, reason: StopReason) -> None:
+        """A signal handler's stop: no lock taken (the handler may run in the main thread
+        while it holds ``_stop_lock`` or the pause condition: waiting on either would hang
+        vmm). The flag and the kicks are enough: run() turns the flag into stop() within
+        its 50 ms tick, and the kicked vCPUs see ``stopping``."""
+        if self._signalled is None:
+            self._signalled = (status, reason)
+        for vcpu in self.vcpus:
+            vcpu.request_immediate_exit()
+        for thread in list(self._threads):
+            if thread.is_alive() and thread is not threading.current_thread():
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
     @property
     def stopping(self) -> bool:
-        return self.outcome is not None
+        return self.outcome is not None or self._signalled is not None
 
     @property
     def vcpu_threads(self) -> list[threading.Thread]:
@@ -176,6 +193,8 @@ class Runner:
         try:
             with self._cond:
                 while alive := sum(t.is_alive() for t in self._threads):
+                    if self._signalled is not None and self.outcome is None:
+                        self.stop(*self._signalled)
                     if deadline is not None and time.monotonic() >= deadline:
                         self.stop(EXIT_TIMEOUT, StopReason.TIMEOUT, f"the guest ran longer than {timeout:g} s")
                         deadline = None
@@ -183,6 +202,8 @@ class Runner:
                     self._cond.wait(0.05)
         finally:
             self.stats.wall_ns = time.monotonic_ns() - (self.first_run_ns or start)
+        if self._signalled is not None and self.outcome is None:
+            self.stop(*self._signalled)  # the signal came as the last vCPU ended
         if self._errors:
             raise self._errors[0]
         return self.outcome or Outcome(EXIT_NO_STATUS, StopReason.ALL_STOPPED)
@@ -317,10 +338,13 @@ class Runner:
         self.stats.add_times(loop.ns_in_kvm_run, loop.ns_in_c_loop, loop.exits_in_c)
 
 def install_stop_signals(runner: Runner) -> None:
-    """Ctrl-C and SIGTERM stop the guest promptly, with the shell's usual statuses."""
+    """Ctrl-C and SIGTERM stop the guest promptly, with the shell's usual statuses.
+
+    The handler only sets a flag and kicks the vCPUs (Runner.stop_from_signal): it
+    runs in the main thread, between any two bytecodes, locks held or not."""
 
     def handler(signum: int, _frame: object) -> None:
-        runner.stop(128 + signum, StopReason(signal.Signals(signum).name))
+        runner.stop_from_signal(128 + signum, StopReason(signal.Signals(signum).name))
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)

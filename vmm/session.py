@@ -232,10 +232,21 @@ class LinuxRun:
 
     # --- build ---------------------------------------------------------------------------
     def build(self) -> None:
+        import importlib
+
         from vmm.builder import GuestEvents
 
         events = GuestEvents(self.on_exit, self.on_reset, self.on_ready, self.error_output)
         self.guest = _make_guest(self.start, self.config, self.output, events, self.progress)
+        for module in self.used_once_running():
+            importlib.import_module(module)
+
+    def used_once_running(self) -> tuple[str, ...]:
+        """The modules the guest's own actions will have this run use (its ready point, a
+        save there), imported before the first KVM_RUN: once the guest runs nothing is
+        imported (a jail's seccomp filter refuses the module file's open)."""
+        modules = ("vmm.arch.x86_64.paging",)  # the ready point: the mailbox's pages
+        return modules + (("vmm.snapshot.save",) if isinstance(self.start, SaveAtReady) else ())
 
     # --- what the devices report -------------------------------------------------------------
     def on_exit(self, status: int) -> None:
@@ -345,10 +356,8 @@ class LinuxRun:
                                   top=self.profile.top, out=self.stderr, folded=self.profile.out)
         if self.initcalls is not None:
             print(self.initcalls.format(), file=self.stderr)
-        from vmm.devices.virtio.attach import device_counters
-
         kind = {FromSnapshot: "restored", SaveAtReady: "cold+saved"}.get(type(self.start), "cold")
-        return RunResult(outcome, self.runner.stats, phases, device_counters(machine), kind)
+        return RunResult(outcome, self.runner.stats, phases, self.guest.devices.counters(), kind)
 
 
 def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool = False,
@@ -384,7 +393,8 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
 
     if restore:
         snapshot = loaded(Path(restore))
-        config = restore_config(snapshot, config, **{f"{k}_given": v for k, v in (given or {}).items()})
+        config = restore_config(snapshot, config, name=restore,
+                                **{f"{k}_given": v for k, v in (given or {}).items()})
         return restored(snapshot, Path(restore), config)
     if cold or options.get("gdb") or cache.warm_start_possible(config) is not None:
         return run_linux(config, **options)  # --gdb: from the first instruction, so cold
@@ -396,7 +406,8 @@ def run_linux_guest(config: VmConfig, *, restore: str | None = None, cold: bool 
     if directory is not None:
         try:
             snapshot = loaded(directory)
-            warm = restore_config(snapshot, config, mem_given=True, cpus_given=True, disks_given=True)
+            warm = restore_config(snapshot, config, mem_given=True, cpus_given=True, disks_given=True,
+                                  name=str(directory))
             return restored(snapshot, directory, warm)
         except SnapshotError as e:  # stale or damaged: replace it, this run boots
             progress(f"the cached snapshot cannot be used ({e}); booting and saving a new one")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import queue
 import select
 import struct
 import threading
@@ -50,6 +51,15 @@ class _FrameReader:
         self.errors: Counter[str] = Counter()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False
+
+    @property
+    def threads(self) -> tuple[str, ...]:
+        """The threads this backend runs, by name (the jail's seccomp filters are per thread)."""
+        return (self.thread_name,)
+
+    def set_offloads(self, csum: bool, tso4: bool, tso6: bool) -> None:
+        """Bare frames carry no offloads: nothing to tell the host side."""
 
     def _count(self, error: OSError) -> None:
         self.errors[errno.errorcode.get(error.errno, str(error.errno))] += 1
@@ -71,10 +81,13 @@ class _FrameReader:
                 return
             receive(frame, stopping)
 
-    def _stop_thread(self) -> None:
-        """After the subclass has woken its thread (a pipe, a socket shut down)."""
+    def _stop_thread(self) -> bool:
+        """After the subclass has woken its thread (a pipe, a socket shut down): True once it
+        has ended, False if it is still running (its descriptors must then stay open)."""
         if self._thread is not None:
             self._thread.join(timeout=5)
+            return not self._thread.is_alive()
+        return True
 
 
 class TapBackend(_FrameReader):
@@ -136,14 +149,15 @@ class TapBackend(_FrameReader):
                     return None
 
     def close(self) -> None:
-        self._stopping = True
+        """Safe twice; the descriptors close only after the reader thread has ended."""
+        if self._closed:
+            return
+        self._closed = self._stopping = True
         os.write(self._stop_write, b"x")
-        self._stop_thread()
+        if not self._stop_thread():
+            return  # still in a read: a leaked descriptor, not one closed under it
         for fd in (self.fd, self._stop_read, self._stop_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            os.close(fd)
 
 
 # --- user-mode networking: passt ----------------------------------------------------------
@@ -167,6 +181,7 @@ class PasstBackend(_FrameReader):
     """
 
     thread_name = "passt"
+    SEND_QUEUE = 64  # frames waiting for passt, at most (4 MiB at 64 KiB each); more are dropped
 
     def __init__(self, mac: bytes, forwards: tuple[tuple[int, int], ...] = ()) -> None:
         """``mac``: the guest NIC's. Until passt has seen a frame from the guest it does not
@@ -196,7 +211,14 @@ class PasstBackend(_FrameReader):
             stderr=self._log)
         theirs.close()
         super().__init__()
-        self._send_lock = threading.Lock()
+        self.dropped = 0  # frames the guest sent that passt did not take in time
+        # The writer: a stalled passt (stopped, busy) blocks it, never the vCPU or the NIC's
+        # I/O thread that send() runs in (Firecracker's TAP is non-blocking for the same
+        # reason). The stream's framing forbids a partial write, so no non-blocking send.
+        self._outgoing: queue.Queue[bytes | None] = queue.Queue(self.SEND_QUEUE)
+        self._writer = threading.Thread(target=self._write_frames, daemon=True,
+                                        name="passt-tx")
+        self._writer.start()
         time.sleep(0.02)  # passt refuses bad options at once: say so now, not at the first frame
         if self.process.poll() is not None:
             message = self._messages()
@@ -209,12 +231,26 @@ class PasstBackend(_FrameReader):
                  if line and "syslog" not in line]
         return lines[-1] if lines else "(no message)"
 
+    @property
+    def threads(self) -> tuple[str, ...]:
+        return (self.thread_name, self._writer.name)
+
     def send(self, frame: bytes) -> None:
+        """Queued for the writer, never waited for: a full queue drops the frame (counted),
+        as a wire drops what a stalled peer does not take."""
         try:
-            with self._send_lock:
-                self.socket.sendall(LENGTH.pack(len(frame)) + frame)
-        except OSError as e:
-            self._count(e)
+            self._outgoing.put_nowait(LENGTH.pack(len(frame)) + frame)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write_frames(self) -> None:
+        while (data := self._outgoing.get()) is not None:
+            try:
+                self.socket.sendall(data)
+            except OSError as e:
+                self._count(e)
+                if self._stopping:
+                    return
 
     def _read_exactly(self, count: int) -> bytes | None:
         data = bytearray()
@@ -242,15 +278,26 @@ class PasstBackend(_FrameReader):
         return frame
 
     def close(self) -> None:
+        """Safe twice. The socket is shut down first (the reader and a writer stuck on a
+        stalled passt return), closed only once both threads have ended."""
         import socket
 
-        self._stopping = True
+        if self._closed:
+            return
+        self._closed = self._stopping = True
         try:
             self.socket.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-        self.socket.close()
-        self._stop_thread()
+        if hasattr(self, "_writer"):
+            try:
+                self._outgoing.put_nowait(None)
+            except queue.Full:
+                pass  # the writer sees the shut-down socket and _stopping instead
+            self._writer.join(timeout=5)
+        reader_done = self._stop_thread()
+        if reader_done and not (hasattr(self, "_writer") and self._writer.is_alive()):
+            self.socket.close()
         try:
             self.process.wait(timeout=5)
         except Exception:

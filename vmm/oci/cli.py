@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -110,12 +111,17 @@ def resume(container_id: str) -> None:
 
 
 def _pause(store: Store, container_id: str, before: Status, after: Status, sig) -> None:
+    """The signal, then the wait until the VMM is in the state asked for: the status is the
+    process's own (store.py), so nothing is written here and nothing can race the VMM."""
     record = store.load(container_id)
     if record.status is not before:
         raise ContainerError(f"container {container_id} is {record.status}, not {before}")
     os.kill(record.pid, sig)
-    record.status = after
-    store.save(record)
+    deadline = time.monotonic() + 5
+    while store.load(container_id).status is not after:
+        if time.monotonic() > deadline:
+            raise ContainerError(f"container {container_id}: its VMM did not become {after}")
+        time.sleep(0.005)
 
 
 @main.command()

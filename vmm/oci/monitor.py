@@ -100,6 +100,9 @@ class ContainerRun(LinuxRun):
         self.root_requested = root.prepared  # restored from an image base: nothing to ask
         self.started_ns = self.delivered_ns = 0  # `start` seen; the process handed to /init
 
+    def used_once_running(self) -> tuple[str, ...]:
+        return super().used_once_running() + ("vmm.snapshot.save",)  # the image base
+
     def at_ready(self, extents) -> None:
         if self.root_requested:  # back at the ready point with the root ready
             self.deliver(extents)
@@ -169,11 +172,13 @@ class ContainerRun(LinuxRun):
         """
         from vmm.devices.disk import RawDiskImage
 
-        transport = self.guest.devices.virtio[0]
+        transport = self.guest.devices["blk0"]
         if isinstance(self.start, SaveAtReady):
             backend = RawDiskImage(str(self.root.image), transport.device.read_only)
             self.machine.closers.append(backend.close)
-            transport.device.replace_backend(backend).close()
+            with transport.paused():  # no request in flight on the old image meanwhile
+                placeholder = transport.device.replace_backend(backend)
+            placeholder.close()
         transport.config_changed()
 
 
@@ -226,7 +231,7 @@ def _start_for(config, spec, image: Path, log):
         try:
             snapshot = load_snapshot(base)
             restored = restore_config(snapshot, config, mem_given=True, cpus_given=True,
-                                      disks_given=False)
+                                      disks_given=False, name=str(base))
             copy_image(imagebase.carried_disk(base), image)
             check_disks(snapshot, str(base))  # unchanged, before and during the copy
             progress(f"restoring the image base {image_key}")
@@ -241,7 +246,7 @@ def _start_for(config, spec, image: Path, log):
         try:
             snapshot = load_snapshot(directory)
             restored = restore_config(snapshot, config, mem_given=True, cpus_given=True,
-                                      disks_given=True)
+                                      disks_given=True, name=str(directory))
             return replace(restored, disks=(root_disk,)), FromSnapshot(directory, snapshot), plan
         except SnapshotError as e:
             progress(f"the cached container base cannot be used ({e}); booting a new one")

@@ -8,9 +8,10 @@
                           ready point reads it (runc's exec.fifo, turned around)
 
 The status follows the OCI runtime spec (runtime.md): creating -> created ->
-running -> stopped, and runc's paused. The VMM process (vmm/oci/monitor.py)
-writes created and running, `pause`/`resume` paused and running; stopped is what
-a dead VMM process means, whatever the file says.
+running -> stopped, and runc's paused. The VMM process (vmm/oci/monitor.py) is
+the file's one writer (created, running, stopped); paused is what a stopped VMM
+process means (`pause` sends it SIGSTOP; runc reads its cgroup freezer the same
+way), and stopped what a dead one means, whatever the file says.
 """
 
 from __future__ import annotations
@@ -74,17 +75,28 @@ def check_id(container_id: str) -> str:
     return container_id
 
 
-def process_start_time(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if there is no such process."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after "pid (comm) ": state, ppid, ... (None: no such process)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-    if fields[0] == "Z":  # a zombie has finished: its exit status awaits its parent
+    return stat[stat.rindex(")") + 2:].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), or None if there is no such process."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "Z":  # a zombie has finished: its status awaits its parent
         return None
     return int(fields[19])
+
+
+def process_stopped(pid: int) -> bool:
+    """The process is stopped by a signal (state T): a paused container's VMM."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] == "T"
 
 
 class Store:
@@ -126,6 +138,8 @@ class Store:
             raise ContainerError(f"{path}: damaged state: {e}") from None
         if record.status is not Status.STOPPED and not self.alive(record):
             record.status = Status.STOPPED
+        elif record.status is Status.RUNNING and process_stopped(record.pid):
+            record.status = Status.PAUSED
         return record
 
     @staticmethod

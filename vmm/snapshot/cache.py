@@ -32,7 +32,10 @@ from pathlib import Path
 from vmm import __version__
 from vmm.cache import cache_dir
 from vmm.config import VmConfig
+from vmm.devices.model import plan_devices
+from vmm.devices.platform import LINUX_DEVICES
 from vmm.digest import hexdigest
+from vmm.snapshot import codec
 from vmm.snapshot.state import STATE_FILE, FileIdentity
 from vmm.snapshot.statefile import FORMAT_VERSION
 
@@ -85,11 +88,11 @@ def cache_key(config: VmConfig, kernel: Path, initrd: Path | None, host) -> str:
         "cmdline": config.cmdline,
         "console_log": config.console_log,
         "virtio_notify": config.virtio_notify,
-        "stderr_uart": config.stderr_uart,
-        "disks": [[identity(Path(d.path)), d.read_only, d.serial] for d in config.disks],
-        # What the guest saw of each NIC (its kernel configured eth<i> from it); not the
-        # host's side, which each run makes anew: a TAP device's name, passt's forwards.
-        "nets": [[n.backend, n.ip, n.gateway, n.dns, n.mac, n.offload] for n in config.nets],
+        # Every device as the guest sees it (the table a snapshot keeps: ids, resources, a
+        # NIC's MAC, MTU and features...); not the host's side, which each run makes anew:
+        # a TAP device's name, passt's forwards. Then the disks' files, by identity.
+        "devices": [codec.encode(spec.record()) for spec in plan_devices(LINUX_DEVICES, config)],
+        "disks": [identity(Path(d.path)) for d in config.disks],
         "host": [host.flavour, host.cpuid_digest, os.uname().release],
     }
     return hexdigest(json.dumps(facts, sort_keys=True).encode(), 10)

@@ -38,12 +38,17 @@ def load_snapshot(directory: Path) -> Snapshot:
 
 
 def restore_config(snapshot: Snapshot, config: VmConfig, *, mem_given: bool, cpus_given: bool,
-                   disks_given: bool) -> VmConfig:
+                   disks_given: bool, name: str = "the snapshot") -> VmConfig:
     """The run's configuration: the snapshot's machine, the user's run options.
 
     Options that shape the machine (memory, vCPUs, disks) come from the
-    snapshot; given on the command line, they must say the same.
+    snapshot; given on the command line, they must say the same. The devices
+    the configuration makes must be the snapshot's, field by field (their id,
+    kind, resources, and what the guest saw: a NIC's MAC, MTU and features).
     """
+    from vmm.devices.model import check_same_devices, plan_devices
+    from vmm.devices.platform import LINUX_DEVICES
+
     meta = snapshot.meta
     if mem_given and config.mem != meta.mem:
         raise SnapshotError(f"--mem {config.mem >> 20}M: the snapshot's VM has "
@@ -56,13 +61,12 @@ def restore_config(snapshot: Snapshot, config: VmConfig, *, mem_given: bool, cpu
         if given != [(d.path, d.read_only, d.serial) for d in disks]:
             saved = ", ".join(d.path + (",ro" if d.read_only else "") for d in disks) or "none"
             raise SnapshotError(f"--disk: the snapshot's VM has these disks: {saved}")
-    if len(config.nets) != meta.nics:
-        raise SnapshotError(f"the snapshot's VM has {meta.nics} NIC(s), this run {len(config.nets)} "
-                            "(a VM with a NIC restores only as the warm start of the same "
-                            "`vmm run --net ...`)")
-    return replace(config, mem=meta.mem, cpus=meta.cpus, disks=disks,
-                   virtio_notify=meta.virtio_notify,
-                   stderr_uart=snapshot.devices.stderr_serial is not None)
+    restored = replace(config, mem=meta.mem, cpus=meta.cpus, disks=disks,
+                       virtio_notify=meta.virtio_notify,
+                       stderr_uart=any(r.id == "com2" for r in meta.devices))
+    planned = tuple(spec.record() for spec in plan_devices(LINUX_DEVICES, restored))
+    check_same_devices(meta.devices, planned, name)
+    return restored
 
 
 def check_host(snapshot: Snapshot, host: HostIdentity, name: str) -> None:
@@ -150,7 +154,7 @@ def restore_linux_vm(directory: Path, snapshot: Snapshot, config: VmConfig, outp
             restore_vm(machine.vm, snapshot.vm)
             for vcpu, vcpu_state in zip(machine.vcpus, snapshot.vcpus):
                 restore_vcpu(vcpu, vcpu_state)
-            restore_devices(devices, snapshot)
+            devices.restore(snapshot.devices)
         except ValueError as e:  # a device refused its state
             raise SnapshotError(f"{name}: {e}") from None
         machine.phases["kvm_ready"] = time.monotonic_ns()
@@ -159,20 +163,3 @@ def restore_linux_vm(directory: Path, snapshot: Snapshot, config: VmConfig, outp
     return LinuxGuest(machine, devices, None, meta.cmdline, Path(meta.kernel),
                       system_map if system_map and system_map.exists() else None,
                       Path(meta.initrd) if meta.initrd else None)
-
-
-def restore_devices(devices, snapshot: Snapshot) -> None:
-    saved = snapshot.devices
-    devices.serial.restore(saved.serial)
-    devices.rtc.restore(saved.rtc)
-    devices.i8042.restore(saved.i8042)
-    devices.mailbox.restore(saved.mailbox)
-    if (devices.stderr_serial is None) != (saved.stderr_serial is None):
-        raise ValueError("the second UART (stderr) is in the snapshot or in this VM, not both")
-    if devices.stderr_serial is not None:
-        devices.stderr_serial.restore(saved.stderr_serial)
-    if len(devices.virtio) != len(saved.virtio):
-        raise ValueError(f"the snapshot has {len(saved.virtio)} virtio devices (disks, then "
-                         f"NICs), this VM {len(devices.virtio)}")
-    for transport, state in zip(devices.virtio, saved.virtio):
-        transport.restore(state)

@@ -23,7 +23,7 @@ from vmm.config import VmConfig
 from vmm.errors import SnapshotError
 from vmm.kvm.state import Capabilities, capture_vcpu, capture_vm
 from vmm.snapshot.state import (
-    MEMORY_FILE, STATE_FILE, DeviceStates, DiskRecord, FileIdentity, HostIdentity, Snapshot,
+    MEMORY_FILE, STATE_FILE, DiskRecord, FileIdentity, HostIdentity, Snapshot,
     SnapshotMeta,
 )
 from vmm.snapshot.statefile import write_state_file
@@ -66,12 +66,6 @@ def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stor
     caps = Capabilities.of(machine.vm)
     msr_indices = machine.kvm.get_msr_index_list()
     vcpus = tuple(capture_vcpu(v, v.get_cpuid2(), msr_indices, caps) for v in machine.vcpus)
-    devices = guest.devices
-    device_states = DeviceStates(
-        serial=devices.serial.state(), rtc=devices.rtc.state(), i8042=devices.i8042.state(),
-        mailbox=devices.mailbox.state(), virtio=tuple(t.state() for t in devices.virtio),
-        stderr_serial=devices.stderr_serial.state() if devices.stderr_serial else None,
-    )
     meta = SnapshotMeta(
         vmm_version=__version__,
         created_ns=time.time_ns(),
@@ -87,12 +81,12 @@ def capture(guest, config: VmConfig, mailbox: list[tuple[int, int]], memory_stor
         memory_stored=memory_stored,
         disks=disks if disks is not None else tuple(
             DiskRecord(FileIdentity.of(d.path), d.read_only, d.serial) for d in config.disks),
-        nics=len(config.nets),
+        devices=guest.devices.records(),
         virtio_notify=config.virtio_notify,
         mailbox=tuple(mailbox),
         capabilities=caps,
     )
-    return Snapshot(meta, capture_vm(machine.vm, caps), vcpus, device_states)
+    return Snapshot(meta, capture_vm(machine.vm, caps), vcpus, guest.devices.states())
 
 
 def carried_disk_name(index: int) -> str:

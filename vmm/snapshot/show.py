@@ -6,6 +6,7 @@ decoded through the same cffi declarations the VMM uses to make them.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from pathlib import Path
 
@@ -34,6 +35,36 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
+def _resources(resources) -> str:
+    parts = [f"ports {w.base:#x}+{w.length}" for w in resources.ports]
+    parts += [f"mmio {base:#x}+{size:#x}" for base, size in resources.mmio]
+    parts += [f"irq {irq}" for irq in resources.irqs]
+    return ", ".join(parts) or "no resources"
+
+
+def _state(kind: str, state) -> str:
+    """One line of a device's state, in the words of its kind; any other kind: its fields."""
+    if kind == "serial":
+        return (f"IER={state.ier:#04x} LCR={state.lcr:#04x} MCR={state.mcr:#04x} "
+                f"LSR={state.lsr:#04x} FCR={state.fcr:#04x} divisor={state.dlm << 8 | state.dll} "
+                f"rx FIFO {len(state.rx_fifo)} bytes")
+    if kind == "rtc":
+        return (f"index {state.index:#04x}, CMOS RAM {len(state.ram)} bytes "
+                f"(status A={state.ram[0xA]:#04x} B={state.ram[0xB]:#04x})")
+    if kind == "i8042":
+        return f"command byte {state.ctr:#04x}, output " + (
+            "empty" if state.output is None else f"{state.output:#04x}")
+    if kind == "mailbox":
+        return f"{len(state.received)} descriptor bytes pending"
+    if kind.startswith("virtio-"):
+        queues = "; ".join(
+            f"queue {n}: size {q.size}, {'ready' if q.ready else 'not ready'}, "
+            f"avail {q.next_avail} used {q.next_used}" for n, q in enumerate(state.queues))
+        return (f"status {state.status:#04x}, driver features {state.driver_features:#x}, "
+                f"interrupt status {state.interrupt_status}; {queues}")
+    return ", ".join(f"{f.name}={getattr(state, f.name)!r}"[:60] for f in dataclasses.fields(state))
+
+
 def describe(snapshot: Snapshot, directory: Path) -> str:
     meta = snapshot.meta
     created = datetime.datetime.fromtimestamp(meta.created_ns / 1e9, datetime.timezone.utc)
@@ -56,38 +87,18 @@ def describe(snapshot: Snapshot, directory: Path) -> str:
         "  disks             " + (", ".join(
             f"{d.file.path} ({d.file.size} bytes{', read-only' if d.read_only else ''})"
             for d in meta.disks) or "none"),
-        f"  NICs              {meta.nics or 'none'} (virtio-net; backends made anew at restore)",
         f"  mailbox           /init's request buffer: {sum(n for _, n in meta.mailbox)} bytes in "
         f"{len(meta.mailbox)} guest-physical piece(s), first at {meta.mailbox[0][0]:#x}"
         if meta.mailbox else "  mailbox           none",
         "  KVM capabilities  " + ", ".join(f"{k}={'yes' if v else 'no'}"
                                             for k, v in vars(meta.capabilities).items()),
     ]
-    devices = snapshot.devices
-
-    def uart(name: str, serial) -> str:
-        return (f"  {name:<9} IER={serial.ier:#04x} LCR={serial.lcr:#04x} MCR={serial.mcr:#04x} "
-                f"LSR={serial.lsr:#04x} FCR={serial.fcr:#04x} divisor={serial.dlm << 8 | serial.dll} "
-                f"rx FIFO {len(serial.rx_fifo)} bytes")
-
-    out += [
-        "",
-        "devices: each device's own state value",
-        uart("serial", devices.serial),
-        *([uart("serial2", devices.stderr_serial) + " (stderr)"] if devices.stderr_serial else []),
-        f"  rtc       index {devices.rtc.index:#04x}, CMOS RAM {len(devices.rtc.ram)} bytes "
-        f"(status A={devices.rtc.ram[0xA]:#04x} B={devices.rtc.ram[0xB]:#04x})",
-        f"  i8042     command byte {devices.i8042.ctr:#04x}, output "
-        + ("empty" if devices.i8042.output is None else f"{devices.i8042.output:#04x}"),
-        f"  mailbox   {len(devices.mailbox.received)} descriptor bytes pending",
-    ]
-    for i, transport in enumerate(devices.virtio):
-        queues = "; ".join(
-            f"queue {n}: size {q.size}, {'ready' if q.ready else 'not ready'}, "
-            f"avail {q.next_avail} used {q.next_used}" for n, q in enumerate(transport.queues))
-        out.append(f"  virtio-blk{i}  status {transport.status:#04x}, features "
-                   f"{transport.driver_features:#x}, interrupt status {transport.interrupt_status}; "
-                   f"{queues}")
+    out += ["", "devices: the device table (what the guest saw) and each device's own state value"]
+    for record in meta.devices:
+        out.append(f"  {record.id:<11} {record.kind:<11} {_resources(record.resources)}"
+                   + "".join(f", {key}={value}" for key, value in record.guest.items()))
+        if record.id in snapshot.devices:
+            out.append(f"  {'':<11} {_state(record.kind, snapshot.devices[record.id])}")
     pit = from_bytes("struct kvm_pit_state2", snapshot.vm.pit2, "pit2")
     out += [
         "",

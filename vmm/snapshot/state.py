@@ -10,9 +10,10 @@ A snapshot directory has two files:
   meta        what the snapshot is of, and what must match to restore it:
               the host (KVM flavour, CPU, CPUID digest), memory size and
               layout, vCPU count, the kernel command line, the disks'
-              identities, the mailbox's pages
-  devices     each device's state value (serial, rtc, i8042, mailbox, one
-              virtio-mmio transport per disk)
+              identities, the mailbox's pages, and the device table: each
+              device's id, kind, resources and what the guest saw of it
+              (vmm/devices/model.py)
+  devices     each device's state value, by id (com1, rtc, blk0, net0...)
   vm          KVM's PIC master/slave, IOAPIC, PIT and clock
   vcpu0 ...   one per vCPU: CPUID, registers, FPU, MSRs, LAPIC, events
   ========== ============================================================
@@ -28,12 +29,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmm.devices.i8042 import I8042State
+from typing import Any
+
+from vmm.devices.model import DeviceRecord
 from vmm.digest import hexdigest
-from vmm.devices.mailbox import MailboxState
-from vmm.devices.rtc import RtcState
-from vmm.devices.serial import SerialState
-from vmm.devices.virtio.mmio import TransportState
 from vmm.errors import SnapshotError
 from vmm.kvm.state import Capabilities, VcpuState, VmState
 from vmm.snapshot import codec
@@ -118,21 +117,11 @@ class SnapshotMeta:
     system_map: str | None
     memory_size: int  # the memory file's size: the sum of the regions
     memory_stored: int  # bytes of it that are data, not holes
-    disks: tuple[DiskRecord, ...]
-    nics: int  # virtio-net devices after the disks (their backends are made anew at restore)
+    disks: tuple[DiskRecord, ...]  # the host files behind blk0, blk1... (identity, not content)
+    devices: tuple[DeviceRecord, ...]  # every device: id, kind, resources, what the guest saw
     virtio_notify: str
     mailbox: tuple[tuple[int, int], ...]  # the request buffer: (guest-physical address, length)
     capabilities: Capabilities
-
-
-@dataclass(frozen=True)
-class DeviceStates:
-    serial: SerialState
-    rtc: RtcState
-    i8042: I8042State
-    mailbox: MailboxState
-    virtio: tuple[TransportState, ...]  # one per disk, in --disk order, then one per NIC
-    stderr_serial: SerialState | None  # ttyS1, in a VM with VmConfig.stderr_uart
 
 
 @dataclass(frozen=True)
@@ -140,7 +129,7 @@ class Snapshot:
     meta: SnapshotMeta
     vm: VmState
     vcpus: tuple[VcpuState, ...]
-    devices: DeviceStates
+    devices: dict[str, Any]  # device id -> its state value (the kind's state type)
 
     def to_sections(self) -> dict[str, bytes]:
         def dump(value) -> bytes:
@@ -153,13 +142,16 @@ class Snapshot:
 
     @classmethod
     def from_sections(cls, sections: dict[str, bytes], name: str) -> "Snapshot":
-        def load(section: str, hint):
+        def parse(section: str):
             if section not in sections:
                 raise SnapshotError(f"{name}: no {section!r} section")
             try:
-                data = json.loads(sections[section])
+                return json.loads(sections[section])
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise SnapshotError(f"{name}: section {section!r} is not JSON: {e}") from None
+
+        def load(section: str, hint):
+            data = parse(section)
             try:
                 return codec.decode(hint, data, section)
             except SnapshotError as e:
@@ -176,8 +168,36 @@ class Snapshot:
         unknown = sorted(set(sections) - known)
         if unknown:
             raise SnapshotError(f"{name}: unexpected section {unknown[0]!r}")
-        devices = load("devices", DeviceStates)
-        if len(devices.virtio) != len(meta.disks) + meta.nics:
-            raise SnapshotError(f"{name}: {len(devices.virtio)} virtio states for "
-                                f"{len(meta.disks)} disks and {meta.nics} NICs")
-        return cls(meta, load("vm", VmState), vcpus, devices)
+        return cls(meta, load("vm", VmState), vcpus, _device_states(meta, parse("devices"), name))
+
+
+def _device_states(meta: SnapshotMeta, data, name: str) -> dict[str, Any]:
+    """The devices section: a state for each device of the table whose kind keeps one,
+    decoded as that kind's state type (vmm/devices/platform.py), nothing else."""
+    from vmm.devices.platform import LINUX_DEVICES
+
+    state_types = {t.kind.value: t.state_type for t in LINUX_DEVICES}
+    if not isinstance(data, dict):
+        raise SnapshotError(f"{name}: devices: expected an object")
+    states, ids = {}, set()
+    for record in meta.devices:
+        if record.id in ids:
+            raise SnapshotError(f"{name}: meta.devices: {record.id} twice")
+        ids.add(record.id)
+        if record.kind not in state_types:
+            raise SnapshotError(f"{name}: meta.devices: {record.id} is a {record.kind!r}, "
+                                "a kind of device this vmm does not have")
+        state_type = state_types[record.kind]
+        if state_type is None:
+            continue
+        if record.id not in data:
+            raise SnapshotError(f"{name}: devices: no state for {record.id}")
+        try:
+            states[record.id] = codec.decode(state_type, data[record.id], f"devices.{record.id}")
+        except SnapshotError as e:
+            raise SnapshotError(f"{name}: {e}") from None
+    extra = sorted(set(data) - set(states))
+    if extra:
+        raise SnapshotError(f"{name}: devices: {extra[0]!r} is not a device of meta.devices "
+                            "that keeps a state")
+    return states

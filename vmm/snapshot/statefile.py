@@ -27,7 +27,8 @@ from vmm.errors import SnapshotError, unreadable
 from vmm.packed import Packed
 
 MAGIC = b"VMMSNAP\0"
-FORMAT_VERSION = 3  # 2: devices.stderr_serial (the second UART); 3: meta.nics
+FORMAT_VERSION = 4  # 2: devices.stderr_serial (the second UART); 3: meta.nics;
+# 4: the device table (meta.devices) and states by device id
 HEADER = Packed(("magic", "8s"), ("format", "I"), ("sections", "I"), ("body_length", "Q"),
                 ("body_crc32", "I"), ("reserved", "I"))
 SECTION = Packed(("name", "24s"), ("length", "Q"))

@@ -1,137 +1,133 @@
-"""Give a machine its disks and NICs: a virtio-blk device per --disk, a virtio-net per --net.
+"""The virtio device types: a virtio-blk device per --disk, a virtio-net per --net.
 
-For disk i: the window at VIRTIO_MMIO_BASE + i * 4 KiB, IRQ VIRTIO_MMIO_IRQ_BASE + i,
-and a ``virtio_mmio.device=4K@<base>:<irq>`` on the kernel command line so the
-guest finds it (/dev/vda is disk 0, /dev/vdb disk 1, ...).
+Each gets the next virtio-mmio window and IRQ (vmm/devices/model.py, Slots):
+disks first, then NICs, so disk i is at VIRTIO_MMIO_BASE + i * 4 KiB with IRQ
+VIRTIO_MMIO_IRQ_BASE + i, and a ``virtio_mmio.device=4K@<base>:<irq>`` on the
+kernel command line lets the guest find it (/dev/vda is blk0, eth0 is net0).
 
-``notify`` picks how queue notifications arrive (docs/virtio.md has the
-measurements): ``"exit"``, an MMIO exit handled in the vCPU thread and an
-interrupt by ``KVM_IRQ_LINE``; or ``"ioeventfd"``, an eventfd per queue that KVM
+``--virtio-notify`` picks how queue notifications arrive (docs/virtio.md has the
+measurements): ``exit``, an MMIO exit handled in the vCPU thread and an
+interrupt by ``KVM_IRQ_LINE``; or ``ioeventfd``, an eventfd per queue that KVM
 signals without an exit, served by one I/O thread per device
 (vmm/devices/virtio/iothread.py), and the interrupt through an irqfd.
 """
 
 from __future__ import annotations
 
-import sys
+from dataclasses import dataclass
 from typing import Callable
 
-from vmm.arch.x86_64.layout import (
-    VIRTIO_MMIO_BASE,
-    VIRTIO_MMIO_IRQ_BASE,
-    VIRTIO_MMIO_MAX_DEVICES,
-    VIRTIO_MMIO_SIZE,
-)
-from vmm.config import DiskConfig, NetConfig, NotifyPath
+from vmm.config import DiskConfig, NetConfig, NotifyPath, VmConfig
 from vmm.devices.disk import RawDiskImage
+from vmm.devices.model import Attached, DeviceKind, DeviceSpec, DeviceType, Slots, Wiring
 from vmm.devices.virtio.block import VirtioBlock
-from vmm.devices.virtio.mmio import QUEUE_NOTIFY, VirtioMmioTransport
-from vmm.errors import DeviceError
+from vmm.devices.virtio.mmio import QUEUE_NOTIFY, TransportState, VirtioMmioTransport
 
 
-def _warn(message: str) -> None:
-    print(f"vmm: warning: {message}", file=sys.stderr)
+@dataclass(frozen=True)
+class _Disk:
+    config: DiskConfig
+    notify: NotifyPath
 
 
-def attach_block_devices(
-    machine,
-    disks: tuple[DiskConfig, ...],
-    irq_line_factory: Callable[[int], object],
-    warn: Callable[[str], None] = _warn,
-    *,
-    notify: tuple[NotifyPath, ...] = (NotifyPath.EXIT,),
-    trace: Callable[[str], None] | None = None,
-) -> list[str]:
-    """Open, create and register every disk; return the kernel command-line fragments.
-
-    ``notify``: one path per disk in order (the last one holds for the rest).
-    """
-    paths = list(notify) or [NotifyPath.EXIT]
-    if NotifyPath.IOEVENTFD in paths and not ioeventfd_supported(machine.vm):
-        warn("this KVM has no ioeventfd/irqfd: virtio notifications fall back to MMIO exits")
-        paths = [NotifyPath.EXIT]
-    if len(disks) > VIRTIO_MMIO_MAX_DEVICES:
-        raise DeviceError(f"{len(disks)} disks: at most {VIRTIO_MMIO_MAX_DEVICES}")
-    fragments = []
-    for i, disk in enumerate(disks):
-        backend = RawDiskImage(disk.path, disk.read_only)
-        machine.closers.append(backend.close)
-        device = VirtioBlock(backend, serial=disk.serial)
-        for message in device.warnings:
-            warn(message)
-        path = paths[min(i, len(paths) - 1)]
-        fragment, _ = _attach_transport(machine, device, i, f"virtio-blk{i}", path,
-                                        irq_line_factory, trace)
-        fragments.append(fragment)
-    return fragments
+# --- virtio-blk ------------------------------------------------------------------------------
+def plan_disks(config: VmConfig, slots: Slots) -> list[DeviceSpec]:
+    paths = list(config.notify_paths) or [NotifyPath.EXIT]  # one per disk; the last for the rest
+    return [DeviceSpec(f"blk{i}", DeviceKind.VIRTIO_BLK, slots.next_virtio(f"--disk {disk.path}"),
+                       {"read_only": disk.read_only, "serial": disk.serial},
+                       source=_Disk(disk, paths[min(i, len(paths) - 1)]))
+            for i, disk in enumerate(config.disks)]
 
 
-def attach_net_devices(
-    machine,
-    nets: tuple[NetConfig, ...],
-    first_slot: int,
-    irq_line_factory: Callable[[int], object],
-    *,
-    notify: NotifyPath = NotifyPath.IOEVENTFD,
-    trace: Callable[[str], None] | None = None,
-) -> list[str]:
-    """A virtio-net device per --net, in the virtio-mmio slots after the disks' (eth0, eth1...).
+def make_disk(spec: DeviceSpec, wiring: Wiring) -> Attached:
+    disk = spec.source
+    backend = RawDiskImage(disk.config.path, disk.config.read_only)
+    wiring.machine.closers.append(backend.close)
+    device = VirtioBlock(backend, serial=disk.config.serial)
+    for message in device.warnings:
+        wiring.warn(message)
+    return _on_transport(spec, wiring, device, disk.notify)
 
-    Returns the command-line fragments: each device's, and the kernel's ``ip=``
-    for the first NIC given an address.
-    """
-    from vmm.devices.netbackend import DEFAULT_TAP_NAME, PASST_MTU, PasstBackend, TapBackend
-    from vmm.devices.virtio.net import VirtioNet, default_mac, parse_mac
 
-    if first_slot + len(nets) > VIRTIO_MMIO_MAX_DEVICES:
-        raise DeviceError(f"{first_slot} disks and {len(nets)} NICs: at most "
-                          f"{VIRTIO_MMIO_MAX_DEVICES} virtio devices")
-    if notify is NotifyPath.IOEVENTFD and not ioeventfd_supported(machine.vm):
-        notify = NotifyPath.EXIT
-    fragments, ip_given = [], False
-    for i, net in enumerate(nets):
+VIRTIO_BLK = DeviceType(DeviceKind.VIRTIO_BLK, plan_disks, make_disk, TransportState)
+
+
+# --- virtio-net ------------------------------------------------------------------------------
+def plan_nics(config: VmConfig, slots: Slots) -> list[DeviceSpec]:
+    """The NICs, and what each guest interface is: the kernel's ip= names eth<i> (the first
+    NIC given an address), the MAC, the MTU and the features the device offers."""
+    from vmm.devices.netbackend import PASST_MTU, PasstBackend, TapBackend
+    from vmm.devices.virtio.net import default_mac, offered_features, parse_mac
+
+    specs = []
+    for i, net in enumerate(config.nets):
         mac = parse_mac(net.mac) if net.mac else default_mac(i)
-        if net.backend == "tap":
-            backend = TapBackend(net.name or DEFAULT_TAP_NAME)  # builder: says the name
-        else:
-            backend = PasstBackend(mac, net.forwards)
-        machine.closers.append(backend.close)  # closers run in reverse: after the I/O thread
         # passt takes frames of up to 65,520 bytes of payload: so does the guest (fewer,
         # bigger packets through its emulated stack); a TAP device keeps Ethernet's 1,500.
-        device = VirtioNet(backend, mac, mtu=PASST_MTU if net.backend == "user" else 1500,
-                           offload=net.offload)
-        fragment, device.transport = _attach_transport(machine, device, first_slot + i,
-                                                       f"virtio-net{i}", notify,
-                                                       irq_line_factory, trace)
-        fragments.append(fragment)
-        backend.start(device.receive)
-        option = net.kernel_ip_option(i)
-        if option and not ip_given:  # the kernel's ip= configures one interface
-            fragments.append(option)
-            ip_given = True
-    return fragments
+        mtu = PASST_MTU if net.backend == "user" else 1500
+        vnet_header = (TapBackend if net.backend == "tap" else PasstBackend).vnet_header
+        guest = {"backend": net.backend, "mac": mac.hex(":"), "mtu": mtu, "offload": net.offload,
+                 "features": offered_features(mtu, net.offload, vnet_header),
+                 "ip": net.ip, "gateway": net.gateway, "dns": net.dns}
+        specs.append(DeviceSpec(f"net{i}", DeviceKind.VIRTIO_NET,
+                                slots.next_virtio(f"--net {net.backend}"), guest, source=net))
+    first = next((i for i, net in enumerate(config.nets) if net.ip), None)
+    for spec in specs:  # the kernel's ip= configures one interface
+        spec.guest["kernel_ip"] = spec.id == f"net{first}"
+    return specs
 
 
-def _attach_transport(machine, device, slot: int, name: str, path: NotifyPath,
-                      irq_line_factory: Callable[[int], object],
-                      trace: Callable[[str], None] | None) -> tuple[str, VirtioMmioTransport]:
-    """``device`` on the virtio-mmio window and IRQ of ``slot``: (its command-line fragment,
-    its transport)."""
-    base = VIRTIO_MMIO_BASE + slot * VIRTIO_MMIO_SIZE
-    irq = VIRTIO_MMIO_IRQ_BASE + slot
+def make_nic(spec: DeviceSpec, wiring: Wiring) -> Attached:
+    from vmm.devices.netbackend import DEFAULT_TAP_NAME, PasstBackend, TapBackend
+    from vmm.devices.virtio.net import VirtioNet
+
+    net: NetConfig = spec.source
+    mac = bytes.fromhex(str(spec.guest["mac"]).replace(":", ""))
+    if net.backend == "tap":
+        backend = TapBackend(net.name or DEFAULT_TAP_NAME)  # the builder says the name
+    else:
+        backend = PasstBackend(mac, net.forwards)
+    wiring.machine.closers.append(backend.close)  # closers run in reverse: after the I/O thread
+    device = VirtioNet(backend, mac, mtu=int(spec.guest["mtu"] or 1500), offload=net.offload)
+    attached = _on_transport(spec, wiring, device, NotifyPath.IOEVENTFD)
+    device.transport = attached.device
+    backend.start(device.receive)
+    index = int(spec.id.removeprefix("net"))
+    option = net.kernel_ip_option(index) if spec.guest["kernel_ip"] else None
+    attached.cmdline += (option,) if option else ()
+    attached.threads += backend.threads
+    return attached
+
+
+VIRTIO_NET = DeviceType(DeviceKind.VIRTIO_NET, plan_nics, make_nic, TransportState)
+
+
+# --- the transport, shared -------------------------------------------------------------------
+def _on_transport(spec: DeviceSpec, wiring: Wiring, device, path: NotifyPath) -> Attached:
+    """``device`` behind a virtio-mmio transport at the spec's window and IRQ (the manager
+    puts it on the bus)."""
+    machine = wiring.machine
+    (base, size), (irq,) = spec.resources.mmio[0], spec.resources.irqs
+    if path is NotifyPath.IOEVENTFD and not ioeventfd_supported(machine.vm):
+        wiring.warn_once("this KVM has no ioeventfd/irqfd: virtio notifications fall back to "
+                         "MMIO exits")
+        path = NotifyPath.EXIT
     if path is NotifyPath.IOEVENTFD:
         from vmm.devices.virtio.iothread import IrqfdLine
 
         line = IrqfdLine(machine.vm.irqfd, irq)
         machine.closers.append(line.close)
     else:
-        line = irq_line_factory(irq)
+        line = wiring.irq_line(irq)
+    name = f"virtio-{spec.id}"
     transport = VirtioMmioTransport(device, machine.memory, line, name=name)
-    transport.trace = trace
+    transport.trace = wiring.trace
+    threads: tuple[str, ...] = ()
     if path is NotifyPath.IOEVENTFD:
-        _attach_ioeventfds(machine, transport, base, trace)
-    machine.mmio.register(base, VIRTIO_MMIO_SIZE, transport, name)
-    return f"virtio_mmio.device={VIRTIO_MMIO_SIZE // 1024}K@{base:#x}:{irq}", transport
+        threads = (_attach_ioeventfds(machine, transport, base, wiring.trace),)
+    return Attached(spec, transport, saved=transport, threads=threads,
+                    cmdline=(f"virtio_mmio.device={size // 1024}K@{base:#x}:{irq}",),
+                    counters=transport.counters)
 
 
 def ioeventfd_supported(vm) -> bool:
@@ -142,8 +138,9 @@ def ioeventfd_supported(vm) -> bool:
 
 
 def _attach_ioeventfds(machine, transport: VirtioMmioTransport, base: int,
-                       trace: Callable[[str], None] | None) -> None:
-    """One eventfd per queue on QueueNotify (datamatch = queue index), one I/O thread."""
+                       trace: Callable[[str], None] | None) -> str:
+    """One eventfd per queue on QueueNotify (datamatch = queue index), one I/O thread:
+    its name."""
     from vmm.devices.virtio.iothread import IoEventThread
 
     thread = IoEventThread(transport.notify, name=f"{transport.name}-io", trace=trace)
@@ -154,9 +151,4 @@ def _attach_ioeventfds(machine, transport: VirtioMmioTransport, base: int,
     thread.start()
     transport.notify_path = NotifyPath.IOEVENTFD
     transport.io_thread = thread
-
-
-def device_counters(machine) -> dict[str, dict]:
-    """Every virtio transport's statistics, by device name."""
-    return {m.name: m.device.counters() for m in machine.mmio.mappings()
-            if isinstance(m.device, VirtioMmioTransport)}
+    return thread.name

@@ -106,14 +106,38 @@ class FrameBackend(Protocol):
     """
 
     vnet_header: bool
+    errors: Counter[str]  # host-side failures, by errno name
+
+    @property
+    def threads(self) -> tuple[str, ...]: ...
 
     def set_offloads(self, csum: bool, tso4: bool, tso6: bool) -> None: ...
 
-    def send(self, frame: bytes) -> None: ...
+    def send(self, frame: bytes) -> None:
+        """Never blocks: a frame the host side cannot take now is dropped and counted."""
 
-    def start(self, receive: Callable[[bytes], bool]) -> None: ...
+    def start(self, receive: Callable[[bytes, Callable[[], bool]], object]) -> None:
+        """Frames from the host side go to ``receive(frame, stopping)``, in a thread of the
+        backend's own; ``stopping()`` turns True when the backend closes."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Safe twice."""
+
+
+def offered_features(mtu: int, offload: bool, vnet_header: bool, mergeable: bool = True) -> int:
+    """The feature bits a NIC offers, from what the guest will see of it (its spec)."""
+    bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS]
+    if mergeable:
+        bits.append(VIRTIO_NET_F_MRG_RXBUF)
+    if mtu != DEFAULT_MTU:
+        bits.append(VIRTIO_NET_F_MTU)
+    if offload:
+        bits += [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM]
+        if vnet_header:
+            bits += [VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+                     VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6]
+    return sum(1 << bit for bit in bits)
 
 
 def default_mac(index: int) -> bytes:
@@ -171,7 +195,7 @@ class VirtioNet:
         self.mac = mac
         self.mtu = mtu
         self.max_frame = mtu + ETHERNET_HEADER + 4
-        self.offered = self._offers(offload, backend.vnet_header, mergeable)
+        self.offered = offered_features(mtu, offload, backend.vnet_header, mergeable)
         # Without mergeable buffers, "big packets" fill the ring with 64 KiB buffers: 256 of
         # them are 16 MiB of pages to zero, 1.5 s of boot in PVM's emulator (measured); 32 are
         # plenty for a guest that slow. (Not 16: each is a chain of 19 descriptors.)
@@ -190,20 +214,6 @@ class VirtioNet:
         self.checksums_completed = 0  # NEEDS_CSUM frames summed here for a bare-frame backend
         self.segmented_sent = self.segmented_received = 0  # GSO frames (up to 64 KiB) each way
         self.dropped: Counter[str] = Counter()
-
-    def _offers(self, offload: bool, vnet_header: bool, mergeable: bool) -> int:
-        bits = [VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
-                VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS]
-        if mergeable:
-            bits.append(VIRTIO_NET_F_MRG_RXBUF)
-        if self.mtu != DEFAULT_MTU:
-            bits.append(VIRTIO_NET_F_MTU)
-        if offload:
-            bits += [VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM]
-            if vnet_header:
-                bits += [VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-                         VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6]
-        return sum(1 << bit for bit in bits)
 
     def _has(self, bit: int) -> bool:
         return bool(self.negotiated >> bit & 1)
@@ -254,6 +264,10 @@ class VirtioNet:
             "segmented_sent": self.segmented_sent, "segmented_received": self.segmented_received,
             "frames_dropped": sum(self.dropped.values()),
             "dropped_by_reason": ",".join(f"{k}={v}" for k, v in sorted(self.dropped.items())),
+            # Frames the backend could not pass on (a stalled peer), and its errors by errno.
+            "backend_dropped": getattr(self.backend, "dropped", 0),
+            "backend_errors": ",".join(f"{k}={v}" for k, v in
+                                       sorted(getattr(self.backend, "errors", {}).items())),
             "offloads": ",".join(name for bit, name in names.items() if self._has(bit)) or "none",
         }
 
