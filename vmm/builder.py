@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 from vmm.arch.x86_64 import cpu, layout
 from vmm.config import VmConfig, check_argv
@@ -44,7 +44,8 @@ def _read_image(path: Path, what: str, *, mapped: bool = False) -> bytes:
             with open(path, "rb") as f:
                 if os.fstat(f.fileno()).st_size == 0:
                     raise LoaderError(f"{path}: empty file, not a {what}")
-                return mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+                # Read as bytes are: its slices are bytes (the loader only slices it).
+                return cast(bytes, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
         data = path.read_bytes()
     except OSError as e:
         raise LoaderError(unreadable(path, e)) from None

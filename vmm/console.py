@@ -56,7 +56,7 @@ class InteractiveConsole:
         self._on_quit = on_quit
         self._escape = escape  # False: every byte is the guest's (a container's pty)
         self._fd = sys.stdin.fileno() if fd is None else fd
-        self._saved = None
+        self._saved: list | None = None  # termios attributes to put back
         self._stop_r, self._stop_w = os.pipe()
         self._thread = threading.Thread(target=self._pump, name="console-input", daemon=True)
 

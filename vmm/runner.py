@@ -53,8 +53,8 @@ class Runner:
         self.runloop = runloop
         self.trace = trace
         self.vcpus: list[Vcpu] = []  # set by run()
-        self.pio: Bus | None = None
-        self.dispatcher: ExitDispatcher | None = None
+        self.pio: Bus  # set by run()
+        self.dispatcher: ExitDispatcher  # set by run()
         self.stats = ExitStats()
         self.outcome: Outcome | None = None
         self.first_run_ns: int | None = None  # monotonic time of the first KVM_RUN
@@ -92,7 +92,8 @@ class Runner:
         for vcpu in self.vcpus:
             vcpu.request_immediate_exit()
         for thread in list(self._threads):
-            if thread.is_alive() and thread is not threading.current_thread():
+            if thread.ident is not None and thread.is_alive() \
+                    and thread is not threading.current_thread():
                 try:
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
                 except ProcessLookupError:
@@ -111,7 +112,8 @@ class Runner:
         for vcpu in self.vcpus:
             vcpu.request_immediate_exit()
         for thread in self._threads:
-            if thread.is_alive() and thread is not threading.current_thread():
+            if thread.ident is not None and thread.is_alive() \
+                    and thread is not threading.current_thread():
                 try:
                     signal.pthread_kill(thread.ident, KICK_SIGNAL)
                 except ProcessLookupError:
@@ -302,14 +304,14 @@ class Runner:
                      WriteAction.BUFFER: lib.VMM_WRITE_BUFFER}
         actions_r = {ReadAction.PASS: lib.VMM_READ_PASS, ReadAction.CONSTANT: lib.VMM_READ_CONSTANT}
         rules = self.pio.port_rules()[: lib.VMM_MAX_PORT_RULES]
-        sinks = {}
+        sinks: dict[int, Callable[[bytes], None]] = {}
         for slot, (port, rule) in zip(loop.rules, rules):
             slot.port = port
             slot.on_write = actions_w[rule.on_write]
             slot.on_read = actions_r[rule.on_read]
             slot.read_value = rule.read_value & 0xFFFFFFFF
             slot.hits = 0
-            if rule.on_write is WriteAction.BUFFER:
+            if rule.on_write is WriteAction.BUFFER and rule.sink is not None:
                 sinks[port] = rule.sink
         loop.nrules = len(rules)
         return sinks

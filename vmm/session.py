@@ -11,13 +11,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import TYPE_CHECKING, BinaryIO, TextIO
 
 from vmm.config import VmConfig
 from vmm.console import ConsoleOutput
 from vmm.outcome import EXIT_GUEST_PANIC, EXIT_NO_STATUS, EXIT_VMM_ERROR, Outcome, StopReason
 from vmm.runner import Runner, install_stop_signals
 from vmm.stats import ExitStats
+
+if TYPE_CHECKING:
+    from vmm.builder import LinuxGuest
+    from vmm.profiler import Profiler
+    from vmm.snapshot.state import Snapshot
 
 
 @dataclass
@@ -149,7 +154,7 @@ class FromSnapshot:
     """Restore a saved VM and deliver the command to its waiting /init."""
 
     directory: Path
-    snapshot: object  # vmm.snapshot.state.Snapshot, already loaded and checked
+    snapshot: Snapshot  # already loaded and checked
 
 
 def _make_guest(start, config: VmConfig, output, events, progress):
@@ -220,8 +225,8 @@ class LinuxRun:
 
             self.initcalls = InitcallWatcher()
             self.output.watchers.append(self.initcalls)
-        self.guest = None
-        self.profiler = None  # vmm.profiler.Profiler while --profile samples
+        self.guest: LinuxGuest  # made by build()
+        self.profiler: Profiler | None = None  # while --profile samples
 
     @property
     def machine(self):
@@ -265,6 +270,7 @@ class LinuxRun:
         from vmm.devices.mailbox import buffer_extents
 
         vcpu = self.runner.current_vcpu
+        assert vcpu is not None  # a port write: the vCPU thread dispatching it
         try:
             extents = buffer_extents(translator(self.machine.memory, vcpu.get_sregs().cr3),
                                      address, length)
@@ -321,9 +327,9 @@ class LinuxRun:
         if self.profile is not None:
             from vmm.profiler import Profiler
 
-            self.profiler = Profiler(self.machine.memory, hz=self.profile.hz)
-            self.runner.tick = self.profiler.tick
-            self.profiler.start(lambda: self.runner.vcpu_threads)
+            profiler = self.profiler = Profiler(self.machine.memory, hz=self.profile.hz)
+            self.runner.tick = profiler.tick
+            profiler.start(lambda: self.runner.vcpu_threads)
         try:
             with debugger(self.gdb, self.machine, self.runner, self.stderr):
                 outcome = _run_with_console(self.runner, self.guest, self.config, stdin,

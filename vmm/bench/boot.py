@@ -259,9 +259,10 @@ class QemuContender(Contender):
 
     def prepare(self, workdir: Path) -> str | None:
         super().prepare(workdir)
-        self.qemu = shutil.which("qemu-system-x86_64")
-        if not self.qemu:
+        qemu = shutil.which("qemu-system-x86_64")
+        if not qemu:
             return "qemu-system-x86_64 not installed (vmm bench boot --setup, or apt-get install qemu-system-x86)"
+        self.qemu = qemu
         try:
             from vmm.images.initramfs import default_initramfs
             from vmm.images.kernel import cached_kernel
@@ -318,9 +319,10 @@ class RuncContender(Contender):
 
     def prepare(self, workdir: Path) -> str | None:
         super().prepare(workdir)
-        self.runc = shutil.which("runc")
-        if not self.runc:
+        runc = shutil.which("runc")
+        if not runc:
             return "runc not installed (vmm bench boot --setup, or apt-get install runc)"
+        self.runc = runc
         if os.geteuid() != 0:
             return "runc needs root here (a rootless bundle needs user-namespace set-up)"
         try:
@@ -404,6 +406,7 @@ class CtrVmmContender(CtrRuncContender):
 
     def warm_up(self) -> str | None:
         """One untimed run: the first container of its size boots and saves the base."""
+        assert self.workdir is not None  # prepare() came first
         result = subprocess.run(self.argv(self.workdir), capture_output=True, text=True,
                                 timeout=max(self.timeout, 900))
         if result.returncode != 0 or LINE not in result.stdout:
@@ -480,9 +483,10 @@ class UnshareContender(Contender):
 
     def prepare(self, workdir: Path) -> str | None:
         super().prepare(workdir)
-        self.unshare = shutil.which("unshare")
-        if not self.unshare:
+        unshare = shutil.which("unshare")
+        if not unshare:
             return "unshare not found (util-linux)"
+        self.unshare = unshare
         if os.geteuid() != 0:
             return "unshare -pfmuin needs root"
         return None

@@ -100,7 +100,7 @@ def plot(report: dict[str, Any], path: str) -> None:
     contenders = report["contenders"]
     fig, ax = plt.subplots(figsize=(11, 1.0 + 0.65 * len(contenders)))
     floor = 0.1  # ms: the left edge of the log axis
-    colours = plt.get_cmap("tab10").colors
+    colours = plt.get_cmap("tab10").colors  # type: ignore[attr-defined]  # a ListedColormap
     legend_done: set[str] = set()
     labels = []
     finite = [c["summary"]["wall_ms"]["median"] for c in contenders if c["summary"]["wall_ms"]["median"]]

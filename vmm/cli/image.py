@@ -14,15 +14,17 @@ def image() -> None:
 @click.argument("output", required=False, type=click.Path(dir_okay=False))
 def initramfs(output: str | None) -> None:
     """Build the default initramfs (busybox + our /init); copy it to OUTPUT if given."""
+    import os
     import shutil
+    from pathlib import Path
 
     from vmm.images.initramfs import default_initramfs
 
     path = default_initramfs(lambda line: click.echo(line, err=True))
     if output:
         shutil.copyfile(path, output)
-        path = output
-    size = __import__("os").path.getsize(path)
+        path = Path(output)
+    size = os.path.getsize(path)
     click.echo(f"{path} ({size / 1e6:.1f} MB, uncompressed newc cpio)")
 
 

@@ -13,7 +13,7 @@ import bisect
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Callable, Protocol
 
 from vmm.errors import VmmError
 
@@ -57,7 +57,7 @@ class PortRule:
     on_write: WriteAction = WriteAction.PASS
     on_read: ReadAction = ReadAction.PASS
     read_value: int = 0
-    sink: object = None  # callable(bytes) for WriteAction.BUFFER
+    sink: Callable[[bytes], None] | None = None  # where WriteAction.BUFFER's bytes go
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ class Bus:
 
     def port_rules(self) -> list[tuple[int, PortRule]]:
         """Every (absolute address, rule) the devices offer to the C loop now."""
-        rules = []
+        rules: list[tuple[int, PortRule]] = []
         for m in self._mappings:
             offer = getattr(m.device, "fast_path_rules", None)
             if offer is not None:

@@ -62,7 +62,8 @@ class _FrameReader:
         """Bare frames carry no offloads: nothing to tell the host side."""
 
     def _count(self, error: OSError) -> None:
-        self.errors[errno.errorcode.get(error.errno, str(error.errno))] += 1
+        code = error.errno or 0
+        self.errors[errno.errorcode.get(code, str(code))] += 1
 
     def _next_frame(self) -> bytes | None:
         """The next frame from the host side; None when there will be no more."""

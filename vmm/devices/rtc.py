@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 INDEX = 0
 DATA = 1
@@ -46,7 +47,7 @@ class RtcState:
 
 
 class CmosRtc:
-    def __init__(self, clock: callable = time.time) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._index = 0
         self._ram = bytearray(128)

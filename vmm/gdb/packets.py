@@ -126,7 +126,7 @@ class PacketReader:
             if self._sum is not None:
                 self._sum.append(byte)
                 if len(self._sum) == 2:
-                    events.append(self._finish())
+                    events.append(self._finish(self._body or bytearray(), self._sum))
             elif self._body is not None:
                 if byte == 0x23:  # '#'
                     self._sum = bytearray()
@@ -147,8 +147,8 @@ class PacketReader:
             # anything else between packets is line noise: skipped
         return events
 
-    def _finish(self) -> Packet | Event:
-        body, digits, too_long = bytes(self._body), bytes(self._sum), self._too_long
+    def _finish(self, body_bytes: bytearray, digits_bytes: bytearray) -> Packet | Event:
+        body, digits, too_long = bytes(body_bytes), bytes(digits_bytes), self._too_long
         self._body = self._sum = None
         self._too_long = False
         try:

@@ -407,9 +407,9 @@ class GdbStub:
             self._send(b"OK" if len(payload) == length and self.write_memory(address, payload)
                        else b"E14")
         elif head == "X":
-            where, _, payload = data[1:].partition(b":")
-            address, length = (int(x, 16) for x in where.decode().split(","))
-            self._send(b"OK" if len(payload) == length and self.write_memory(address, payload)
+            location, _, binary = data[1:].partition(b":")
+            address, length = (int(x, 16) for x in location.decode().split(","))
+            self._send(b"OK" if len(binary) == length and self.write_memory(address, binary)
                        else b"E14")
         elif head in ("Z", "z"):
             self._send(self._breakpoint(head == "Z", command[1:]))

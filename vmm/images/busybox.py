@@ -76,8 +76,8 @@ def build_busybox(progress=None) -> Path:
         raise GuestBuildError("musl-gcc not found: apt-get install musl-tools")
     target = cache_dir() / "busybox" / busybox_key()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
-        work = Path(work)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as scratch:
+        work = Path(scratch)
         if progress:
             progress("building the guest's busybox (musl, static; first use only, ~20 s)")
         source = fetch_source(work)

@@ -111,9 +111,9 @@ def kernel_key() -> tuple[str, Path]:
     stamp = _inputs_stamp()
     memo = _memo_path()
     try:
-        saved_stamp, key, directory = memo.read_text().splitlines()[:3]
+        saved_stamp, saved_key, saved_directory = memo.read_text().splitlines()[:3]
         if saved_stamp == stamp:
-            return key, Path(directory)
+            return saved_key, Path(saved_directory)
     except (OSError, ValueError):
         pass
     key, directory = _ask_build_script()

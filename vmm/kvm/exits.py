@@ -120,14 +120,15 @@ class OtherExit:
     number: int
 
     @property
-    def reason(self) -> str:  # type: ignore[override]
+    def reason(self) -> str:
         return exit_reason_name(self.number)
 
 
 VcpuExit = Union[IoExit, MmioExit, HltExit, ShutdownExit, SystemEventExit,
                  InternalErrorExit, FailEntryExit, DebugExit, OtherExit]
 
-_SINGLETON_EXITS = {lib.KVM_EXIT_HLT: HltExit(), lib.KVM_EXIT_SHUTDOWN: ShutdownExit()}
+_SINGLETON_EXITS: dict[int, VcpuExit] = {lib.KVM_EXIT_HLT: HltExit(),
+                                          lib.KVM_EXIT_SHUTDOWN: ShutdownExit()}
 
 
 def decode_exit(run: Any) -> VcpuExit:
@@ -154,8 +155,9 @@ def decode_exit(run: Any) -> VcpuExit:
     if reason == lib.KVM_EXIT_INTERNAL_ERROR:
         internal = run.internal
         ndata = min(internal.ndata, 16)
-        data = tuple(internal.data[i] for i in range(ndata))
-        return InternalErrorExit(internal.suberror, data, _instruction_bytes(internal.suberror, data))
+        words = tuple(internal.data[i] for i in range(ndata))
+        return InternalErrorExit(internal.suberror, words,
+                                 _instruction_bytes(internal.suberror, words))
     if reason == lib.KVM_EXIT_FAIL_ENTRY:
         return FailEntryExit(run.fail_entry.hardware_entry_failure_reason)
     if reason == lib.KVM_EXIT_DEBUG:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from vmm.arch.x86_64 import layout
 from vmm.errors import LoaderError
@@ -23,6 +24,9 @@ from vmm.loader.cmdline import DEFAULT_LIMIT, Cmdline
 from vmm.loader.e820 import e820_map
 from vmm.loader.elf import is_elf, parse_elf
 from vmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from vmm.loader.bzimage import BzImage
 
 PAGE = 4096
 BZIMAGE_64BIT_ENTRY_OFFSET = 0x200  # startup_64 is 512 bytes into the protected-mode part
@@ -50,7 +54,7 @@ class LoadedKernel:
     format: KernelFormat
     entry: int  # guest-physical address of the first instruction
     end: int  # first byte above the kernel's memory footprint
-    parsed: object  # the ElfKernel or BzImage it was read as
+    bzimage: BzImage | None = None  # its setup header's values, for a bzImage
 
     @property
     def protocol(self) -> EntryProtocol:
@@ -59,13 +63,13 @@ class LoadedKernel:
     @property
     def cmdline_limit(self) -> int:
         """The longest command line the kernel accepts (a bzImage says; ELF: x86's default)."""
-        return self.parsed.cmdline_size if self.format is KernelFormat.BZIMAGE else DEFAULT_LIMIT
+        return self.bzimage.cmdline_size if self.bzimage is not None else DEFAULT_LIMIT
 
     @property
     def initrd_max_address(self) -> int:
         """The highest byte the initrd may occupy (a bzImage says; ELF: below the MMIO gap)."""
-        if self.format is KernelFormat.BZIMAGE:
-            return self.parsed.initrd_addr_max
+        if self.bzimage is not None:
+            return self.bzimage.initrd_addr_max
         return layout.MMIO_GAP_START - 1
 
 
@@ -90,8 +94,8 @@ def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> LoadedKernel:
             if segment.memsz > len(segment.data):  # .bss: RAM is zero already, but be explicit
                 memory.fill(segment.paddr + len(segment.data), segment.memsz - len(segment.data))
         if elf.pvh_entry is not None:
-            return LoadedKernel(KernelFormat.VMLINUX_PVH, elf.pvh_entry, elf.highest, elf)
-        return LoadedKernel(KernelFormat.VMLINUX, elf.entry, elf.highest, elf)
+            return LoadedKernel(KernelFormat.VMLINUX_PVH, elf.pvh_entry, elf.highest)
+        return LoadedKernel(KernelFormat.VMLINUX, elf.entry, elf.highest)
     # The bzImage and zero-page modules use construct (~25 ms to import): only
     # when a bzImage or a plain ELF is booted, not on the default PVH path.
     from vmm.loader.bzimage import is_bzimage, parse_bzimage
@@ -104,7 +108,7 @@ def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> LoadedKernel:
         _check_place(memory, load, footprint, name, f"kernel at {load:#x} (with its init_size)")
         memory.write(load, image.kernel)
         return LoadedKernel(KernelFormat.BZIMAGE, load + BZIMAGE_64BIT_ENTRY_OFFSET, load + footprint,
-                            image)
+                            bzimage=image)
     raise LoaderError(f"{name}: not a kernel: neither a bzImage (no 'HdrS' header) nor an ELF")
 
 
@@ -158,7 +162,7 @@ def write_boot_info(memory: GuestMemory, kernel: LoadedKernel, cmdline: Cmdline,
         return layout.PVH_START_INFO
     from vmm.loader import bootparams
 
-    header = kernel.parsed.header_bytes if kernel.format is KernelFormat.BZIMAGE else None
+    header = kernel.bzimage.header_bytes if kernel.bzimage is not None else None
     memory.write(layout.ZERO_PAGE, bootparams.build_zero_page(
         header, cmdline_address=layout.CMDLINE, cmdline_size=cmdline.limit, e820=e820,
         initrd=initrd,

@@ -76,10 +76,12 @@ def run_fast(options: dict[str, str | None], command: str, operands: list[str]) 
     from vmm.oci.lifecycle import (Runtime, create_container, delete_container, kill_container,
                                    start_container)
 
-    runtime = Runtime(options["--root"], options["--log"], options["--log-format"])
+    root, log_format = options["--root"], options["--log-format"]
+    assert root is not None and log_format is not None  # parse_fast gives both, always
+    runtime = Runtime(root, options["--log"], log_format)
     try:
         if command == "create":
-            create_container(runtime, Path(options["bundle"]), options["pid_file"],
+            create_container(runtime, Path(options["bundle"] or "."), options["pid_file"],
                              options["console_socket"], operands[0])
         elif command == "start":
             start_container(runtime.store, operands[0])

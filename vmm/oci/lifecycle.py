@@ -55,11 +55,12 @@ def create_container(runtime: Runtime, bundle: Path, pid_file: str | None, conso
     check_limits(spec)
     if spec.terminal and not console_socket:
         raise ContainerError("process.terminal needs --console-socket (where to send the pty)")
+    socket_path = console_socket or ""
     directory, _record = store.reserve(container_id, spec.bundle, spec.root, spec.annotations)
     try:
         (directory / "config.json").write_bytes((bundle / "config.json").read_bytes())
         os.mkfifo(directory / "start.fifo", 0o600)
-        tty = _console(console_socket) if spec.terminal else None
+        tty = _console(socket_path) if spec.terminal else None
         pid, read_fd = monitor.spawn(directory, tty)
         if tty is not None:
             os.close(tty)

@@ -159,7 +159,8 @@ class Store:
 
 def oci_state(record: Record) -> dict:
     """The state `vmm-runtime state` prints (runtime.md "State")."""
-    state = {"ociVersion": OCI_VERSION, "id": record.id, "status": str(record.status),
+    state: dict[str, object] = {"ociVersion": OCI_VERSION, "id": record.id,
+                                "status": str(record.status),
              "bundle": record.bundle, "rootfs": record.rootfs,
              "created": record.created, "owner": ""}
     if record.status in (Status.CREATED, Status.RUNNING, Status.PAUSED):

@@ -32,7 +32,7 @@ def encode(value):
 
 
 @cache
-def _hints(cls) -> dict:
+def _hints(cls: type) -> dict:
     return typing.get_type_hints(cls)
 
 
@@ -52,7 +52,7 @@ def decode(hint, data, where: str):
             except SnapshotError as e:
                 errors.append(str(e))
         raise SnapshotError(errors[0] if errors else f"{where}: unexpected null")
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(data, dict):
             raise SnapshotError(f"{where}: expected an object")
         fields = {f.name: f for f in dataclasses.fields(hint)}

@@ -193,10 +193,10 @@ class _Table:
         return self.get(LEAF_VENDOR, 0, "eax") if self.has(LEAF_VENDOR) else 0
 
     def vendor(self) -> str:
-        return vendor([(f, i, *v) for (f, i), v in self.leaves.items() if f == LEAF_VENDOR])
+        return vendor([e for e in self.entries() if e[0] == LEAF_VENDOR])
 
     def entries(self) -> list[Entry]:
-        return [(f, i, *values) for (f, i), values in sorted(self.leaves.items())]
+        return [(f, i, v[0], v[1], v[2], v[3], v[4]) for (f, i), v in sorted(self.leaves.items())]
 
 
 def vendor(supported: list[Entry]) -> str:

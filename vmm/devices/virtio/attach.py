@@ -19,7 +19,16 @@ from typing import Callable
 
 from vmm.config import DiskConfig, NetConfig, NotifyPath, VmConfig
 from vmm.devices.disk import RawDiskImage
-from vmm.devices.model import Attached, DeviceKind, DeviceSpec, DeviceType, Slots, Wiring
+from vmm.devices.irq import InterruptLine
+from vmm.devices.model import (
+    Attached,
+    DeviceKind,
+    DeviceSpec,
+    DeviceType,
+    GuestValue,
+    Slots,
+    Wiring,
+)
 from vmm.devices.virtio.block import VirtioBlock
 from vmm.devices.virtio.mmio import QUEUE_NOTIFY, TransportState, VirtioMmioTransport
 
@@ -66,9 +75,10 @@ def plan_nics(config: VmConfig, slots: Slots) -> list[DeviceSpec]:
         # bigger packets through its emulated stack); a TAP device keeps Ethernet's 1,500.
         mtu = PASST_MTU if net.backend == "user" else 1500
         vnet_header = (TapBackend if net.backend == "tap" else PasstBackend).vnet_header
-        guest = {"backend": net.backend, "mac": mac.hex(":"), "mtu": mtu, "offload": net.offload,
-                 "features": offered_features(mtu, net.offload, vnet_header),
-                 "ip": net.ip, "gateway": net.gateway, "dns": net.dns}
+        guest: dict[str, GuestValue] = {
+            "backend": net.backend, "mac": mac.hex(":"), "mtu": mtu, "offload": net.offload,
+            "features": offered_features(mtu, net.offload, vnet_header),
+            "ip": net.ip, "gateway": net.gateway, "dns": net.dns}
         specs.append(DeviceSpec(f"net{i}", DeviceKind.VIRTIO_NET,
                                 slots.next_virtio(f"--net {net.backend}"), guest, source=net))
     first = next((i for i, net in enumerate(config.nets) if net.ip), None)
@@ -83,6 +93,7 @@ def make_nic(spec: DeviceSpec, wiring: Wiring) -> Attached:
 
     net: NetConfig = spec.source
     mac = bytes.fromhex(str(spec.guest["mac"]).replace(":", ""))
+    backend: TapBackend | PasstBackend
     if net.backend == "tap":
         backend = TapBackend(net.name or DEFAULT_TAP_NAME)  # the builder says the name
     else:
@@ -112,6 +123,7 @@ def _on_transport(spec: DeviceSpec, wiring: Wiring, device, path: NotifyPath) ->
         wiring.warn_once("this KVM has no ioeventfd/irqfd: virtio notifications fall back to "
                          "MMIO exits")
         path = NotifyPath.EXIT
+    line: InterruptLine
     if path is NotifyPath.IOEVENTFD:
         from vmm.devices.virtio.iothread import IrqfdLine
 

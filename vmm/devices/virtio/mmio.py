@@ -38,13 +38,17 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from vmm.config import NotifyPath
+from vmm.devices.irq import InterruptLine
 from vmm.devices.virtio.queue import (ChainError, DescriptorChain, Queue, QueueError, QueueState,
                                       RingError)
 from vmm.devices.virtio.service import QueueServer, TransportStats
 from vmm.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from vmm.devices.virtio.iothread import IoEventThread
 
 
 
@@ -184,7 +188,7 @@ class VirtioMmioTransport:
         self,
         device: VirtioDevice,
         memory: GuestMemory,
-        interrupt: object,
+        interrupt: InterruptLine,
         *,
         name: str = "virtio-mmio",
         level_triggered: bool = False,
@@ -205,7 +209,7 @@ class VirtioMmioTransport:
         self.stats = TransportStats()  # never reset (benchmarks read them)
         self.server = QueueServer(device, memory, self.stats, self._error)
         self.notify_path = NotifyPath.EXIT  # how QueueNotify reaches notify()
-        self.io_thread = None  # the IoEventThread serving the ioeventfds, if any
+        self.io_thread: IoEventThread | None = None  # serving the ioeventfds, if any
         self._reset_registers()
 
     # --- state -----------------------------------------------------------------------------

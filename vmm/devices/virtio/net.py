@@ -51,6 +51,7 @@ import enum
 import struct
 import threading
 from collections import Counter
+from contextlib import AbstractContextManager
 from typing import Callable, Protocol
 
 from vmm.devices.virtio.mmio import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
@@ -97,6 +98,15 @@ BIG_RX_QUEUE_SIZE = 32  # receive buffers of a whole 64 KiB frame each (a big MT
 #   chain of 19 descriptors (17 pages, header, first page), and a chain must fit the queue
 
 
+class ReceivePath(Protocol):
+    """What the NIC needs of its transport to take frames in (vmm/devices/virtio/mmio.py)."""
+
+    @property
+    def lock(self) -> AbstractContextManager: ...
+
+    def receive(self, queue_index: int, fill: Callable) -> bool: ...
+
+
 class FrameBackend(Protocol):
     """Where frames go and come from (vmm/devices/netbackend.py).
 
@@ -116,7 +126,7 @@ class FrameBackend(Protocol):
     def send(self, frame: bytes) -> None:
         """Never blocks: a frame the host side cannot take now is dropped and counted."""
 
-    def start(self, receive: Callable[[bytes, Callable[[], bool]], object]) -> None:
+    def start(self, receive: Callable[[bytes, Callable[[], bool]], None]) -> None:
         """Frames from the host side go to ``receive(frame, stopping)``, in a thread of the
         backend's own; ``stopping()`` turns True when the backend closes."""
 
@@ -205,7 +215,8 @@ class VirtioNet:
             rx_size = min(rx_size, BIG_RX_QUEUE_SIZE)
         self.queue_max_sizes = (rx_size, queue_size)
         self.negotiated = 0
-        self.transport = None  # set when attached: received frames go through it (and its lock)
+        # Set when attached: received frames go through it (and its lock).
+        self.transport: ReceivePath | None = None
         self._waiting: bytes | None = None  # a received frame with no buffer posted for it
         self._room = threading.Event()  # set: the waiting frame went (the backend may go on)
         # Statistics.
@@ -214,6 +225,11 @@ class VirtioNet:
         self.checksums_completed = 0  # NEEDS_CSUM frames summed here for a bare-frame backend
         self.segmented_sent = self.segmented_received = 0  # GSO frames (up to 64 KiB) each way
         self.dropped: Counter[str] = Counter()
+
+    def _attached(self) -> ReceivePath:
+        if self.transport is None:
+            raise RuntimeError("a NIC receives through its transport: attach it first")
+        return self.transport
 
     def _has(self, bit: int) -> bool:
         return bool(self.negotiated >> bit & 1)
@@ -322,7 +338,8 @@ class VirtioNet:
                 return "tx_bad_checksum_position"
         if gso_type == GsoType.NONE:
             return "tx_too_long" if length > self.max_frame else None
-        allowed = {GsoType.TCPV4: VIRTIO_NET_F_HOST_TSO4, GsoType.TCPV6: VIRTIO_NET_F_HOST_TSO6}
+        allowed: dict[int, int] = {GsoType.TCPV4: VIRTIO_NET_F_HOST_TSO4,
+                                   GsoType.TCPV6: VIRTIO_NET_F_HOST_TSO6}
         if gso_type not in allowed or not self._has(allowed[gso_type]):
             return "tx_offload_not_negotiated"
         if not flags & HeaderFlag.NEEDS_CSUM or gso_size == 0:
@@ -340,7 +357,7 @@ class VirtioNet:
         data = self._receive_header(frame)
         if data is None:
             return
-        with self.transport.lock:
+        with self._attached().lock:
             self._waiting = data
             if self._deliver_waiting():
                 return
@@ -366,12 +383,13 @@ class VirtioNet:
             frame = frame[HEADER.size:]
             if not self._has(VIRTIO_NET_F_GUEST_CSUM):
                 flags &= ~int(HeaderFlag.DATA_VALID)  # the device must not say it (spec 5.1.6.3.1)
-            allowed = {GsoType.NONE: None, GsoType.TCPV4: VIRTIO_NET_F_GUEST_TSO4,
-                       GsoType.TCPV6: VIRTIO_NET_F_GUEST_TSO6}
+            allowed: dict[int, int | None] = {GsoType.NONE: None, GsoType.TCPV4: VIRTIO_NET_F_GUEST_TSO4,
+                                              GsoType.TCPV6: VIRTIO_NET_F_GUEST_TSO6}
+            needs = allowed.get(gso_type)
             if (flags & ~int(HeaderFlag.NEEDS_CSUM | HeaderFlag.DATA_VALID)
                     or flags & HeaderFlag.NEEDS_CSUM and not self._has(VIRTIO_NET_F_GUEST_CSUM)
                     or gso_type not in allowed
-                    or allowed[gso_type] is not None and not self._has(allowed[gso_type])):
+                    or needs is not None and not self._has(needs)):
                 self.dropped["rx_offload_not_negotiated"] += 1
                 return None
         elif self._has(VIRTIO_NET_F_GUEST_CSUM):
@@ -393,7 +411,7 @@ class VirtioNet:
         if data is None:
             return True
         fill = self._fill_merged if self._has(VIRTIO_NET_F_MRG_RXBUF) else self._fill_one
-        if not self.transport.receive(RX, lambda take, memory: fill(take, memory, data)):
+        if not self._attached().receive(RX, lambda take, memory: fill(take, memory, data)):
             return False
         self._waiting = None
         return True
