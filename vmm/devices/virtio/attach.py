@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from typing import TYPE_CHECKING
+
 from vmm.config import DiskConfig, NetConfig, NotifyPath, VmConfig
-from vmm.devices.disk import RawDiskImage
-from vmm.devices.irq import InterruptLine
 from vmm.devices.model import (
     Attached,
     DeviceKind,
@@ -29,8 +29,11 @@ from vmm.devices.model import (
     Slots,
     Wiring,
 )
-from vmm.devices.virtio.block import VirtioBlock
-from vmm.devices.virtio.mmio import QUEUE_NOTIFY, TransportState, VirtioMmioTransport
+from vmm.devices.virtio.state import TransportState
+
+if TYPE_CHECKING:
+    from vmm.devices.irq import InterruptLine
+    from vmm.devices.virtio.mmio import VirtioMmioTransport
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,11 @@ def plan_disks(config: VmConfig, slots: Slots) -> list[DeviceSpec]:
 
 
 def make_disk(spec: DeviceSpec, wiring: Wiring) -> Attached:
+    # The device and its transport are imported here, not above: planning the table (the
+    # warm start's cache key) needs none of them, and a VM without a disk never does.
+    from vmm.devices.disk import RawDiskImage
+    from vmm.devices.virtio.block import VirtioBlock
+
     disk = spec.source
     backend = RawDiskImage(disk.config.path, disk.config.read_only)
     wiring.machine.closers.append(backend.close)
@@ -65,6 +73,8 @@ VIRTIO_BLK = DeviceType(DeviceKind.VIRTIO_BLK, plan_disks, make_disk, TransportS
 def plan_nics(config: VmConfig, slots: Slots) -> list[DeviceSpec]:
     """The NICs, and what each guest interface is: the kernel's ip= names eth<i> (the first
     NIC given an address), the MAC, the MTU and the features the device offers."""
+    if not config.nets:
+        return []  # and the NIC modules stay unimported
     from vmm.devices.netbackend import PASST_MTU, PasstBackend, TapBackend
     from vmm.devices.virtio.net import default_mac, offered_features, parse_mac
 
@@ -117,6 +127,8 @@ VIRTIO_NET = DeviceType(DeviceKind.VIRTIO_NET, plan_nics, make_nic, TransportSta
 def _on_transport(spec: DeviceSpec, wiring: Wiring, device, path: NotifyPath) -> Attached:
     """``device`` behind a virtio-mmio transport at the spec's window and IRQ (the manager
     puts it on the bus)."""
+    from vmm.devices.virtio.mmio import VirtioMmioTransport
+
     machine = wiring.machine
     (base, size), (irq,) = spec.resources.mmio[0], spec.resources.irqs
     if path is NotifyPath.IOEVENTFD and not ioeventfd_supported(machine.vm):
@@ -154,6 +166,7 @@ def _attach_ioeventfds(machine, transport: VirtioMmioTransport, base: int,
     """One eventfd per queue on QueueNotify (datamatch = queue index), one I/O thread:
     its name."""
     from vmm.devices.virtio.iothread import IoEventThread
+    from vmm.devices.virtio.mmio import QUEUE_NOTIFY
 
     thread = IoEventThread(transport.notify, name=f"{transport.name}-io", trace=trace)
     machine.closers.append(thread.close)  # closers run in reverse: before the disk closes

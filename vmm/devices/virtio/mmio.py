@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 from vmm.config import NotifyPath
 from vmm.devices.irq import InterruptLine
-from vmm.devices.virtio.queue import (ChainError, DescriptorChain, Queue, QueueError, QueueState,
+from vmm.devices.virtio.queue import (ChainError, DescriptorChain, Queue, QueueError,
                                       RingError)
 from vmm.devices.virtio.service import QueueServer, TransportStats
+from vmm.devices.virtio.state import QueueState, TransportState
 from vmm.memory import GuestMemory
 
 if TYPE_CHECKING:
@@ -138,21 +139,6 @@ class VirtioDevice(Protocol):
     def process_chain(self, queue_index: int, chain: DescriptorChain, memory: GuestMemory) -> int:
         """Do one request; return the bytes written into the chain. Must not raise."""
         ...
-
-
-@dataclass(frozen=True)
-class TransportState:
-    """The transport's registers and its queues (the device's own state is apart)."""
-
-    status: int
-    device_features_sel: int
-    driver_features_sel: int
-    driver_features: int
-    queue_sel: int
-    interrupt_status: int
-    config_generation: int
-    shm_sel: int
-    queues: tuple[QueueState, ...]
 
 
 # Why the transport ignores a guest write: the keys of stats.errors.

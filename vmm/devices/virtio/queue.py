@@ -43,6 +43,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple
 
+from vmm.devices.virtio.state import QueueState
 from vmm.errors import GuestMemoryError
 from vmm.memory import GuestMemory
 
@@ -174,24 +175,6 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
 
 
 # --- the queue -------------------------------------------------------------------------
-@dataclass(frozen=True)
-class QueueState:
-    """A queue's registers and the device's place in its rings (as vm-virtio's QueueState).
-
-    The rings themselves live in guest RAM, which a snapshot saves anyway.
-    """
-
-    size: int
-    ready: bool
-    desc_table: int
-    avail_ring: int
-    used_ring: int
-    next_avail: int
-    next_used: int
-    signalled_used: int | None
-    broken: str | None
-
-
 class Queue:
     """One split virtqueue: its registers (set by the transport) and the device's view."""
 
