@@ -55,6 +55,8 @@
 .equ CR0_PE,     1 << 0         # protection enable
 .equ CR0_PG,     1 << 31        # paging
 .equ CR4_PAE,    1 << 5         # physical address extension (required for long mode)
+.equ CR4_OSFXSR, 1 << 9         # the OS saves SSE state: SSE instructions allowed
+.equ MXCSR_FZ,   0x9F80         # MXCSR's default (0x1F80) with flush-to-zero set
 .equ MSR_EFER,   0xC0000080     # extended feature enable register
 .equ EFER_LME,   1 << 8         # long mode enable (we set it)
 .equ EFER_LMA,   1 << 10        # long mode active (the CPU sets it)
@@ -243,6 +245,19 @@ start64:
     test    $EFER_LMA, %eax
     jz      fail64_lma
 
+    # SSE's control register, there and back: x86-64 code needs SSE, and in kernel
+    # mode PVM's emulator cannot run ldmxcsr/stmxcsr (vmm finishes them for the guest,
+    # vmm/arch/x86_64/pvm.py, decoding each of these addressing forms).
+    mov     %cr4, %rax
+    or      $CR4_OSFXSR, %rax
+    mov     %rax, %cr4
+    ldmxcsr mxcsr_fz(%rip)      # RIP-relative (from this ROM)
+    mov     %rsp, %r9
+    stmxcsr -8(%r9)             # a REX.B base register, disp8
+    mov     -8(%rsp), %eax      # (an SIB byte: RSP as the base)
+    cmp     $MXCSR_FZ, %eax
+    jne     fail64_mxcsr
+
     lea     msg_long(%rip), %rsi    # RIP-relative: no RESET_CS_BASE needed
     call    print64
 
@@ -259,6 +274,12 @@ fail64_lma:
     mov     $1, %eax
     jmp     exit64
 
+fail64_mxcsr:
+    lea     msg_fail_mxcsr(%rip), %rsi
+    call    print64
+    mov     $1, %eax
+    jmp     exit64
+
 # print64: write the NUL-terminated string at RSI to the UART.
 print64:
     UART_PUTS
@@ -271,6 +292,9 @@ msg_protected:  .asciz "protected mode\n"
 msg_long:       .asciz "long mode\n"
 msg_fail_pe:    .asciz "longmode: CR0.PE not set after entering protected mode\n"
 msg_fail_lma:   .asciz "longmode: EFER.LMA not set after enabling paging\n"
+msg_fail_mxcsr: .asciz "longmode: MXCSR did not read back what ldmxcsr wrote\n"
+    .balign 4
+mxcsr_fz:       .long MXCSR_FZ
 msg_exception32: .asciz "longmode: unexpected CPU exception in 32-bit protected mode\n"
 msg_efer_gp:    .asciz "longmode: #GP on wrmsr EFER.LME: the VMM must give the vCPU CPUID 0x80000001 EDX.LM (KVM_SET_CPUID2)\n"
 

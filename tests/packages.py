@@ -24,6 +24,7 @@ PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "gdb": (("gdb",), "test_gdb.py: the real GDB against our stub"),
     "iproute2": (("ip",), "test_net.py: network namespaces, veth and TAP devices"),
     "passt": (("passt",), "test_net.py: --net user"),
+    "acpica-tools": (("iasl",), "test_acpi.py: iasl disassembles every ACPI table vmm makes"),
 }
 
 

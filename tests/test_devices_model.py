@@ -101,7 +101,7 @@ def test_a_new_device_is_one_module_and_one_registration():
     machine.pio.write(0x700, b"\x01")
     machine.pio.write(0x700, b"\x01")
     assert [m.name for m in machine.pio.mappings()] == ["com1", "doorbell"]
-    assert devices.cmdline == ["doorbell=0x700"]
+    assert devices.cmdline(acpi=False) == ["doorbell=0x700"]
     assert devices.states()["doorbell"] == 2 and [r.id for r in devices.records()] == ["com1", "doorbell"]
 
 
@@ -123,7 +123,7 @@ def test_each_device_is_made_by_the_type_that_planned_it():
     devices["com1"].write(0, b"o")
     devices["com2"].write(0, b"e")
     assert (console, errors) == ([b"o"], [b"e"])
-    assert devices.cmdline == ["8250.nr_uarts=2"]
+    assert devices.cmdline(acpi=True) == devices.cmdline(acpi=False) == ["8250.nr_uarts=2"]
 
 
 def test_machine_close_runs_every_step_whichever_fails_and_twice_is_harmless():

@@ -218,11 +218,13 @@ def test_pause_stops_every_vcpu_after_its_last_exit_and_resumes_exactly(runloop)
     (in_main, rip, outcome_then), rip_after = seen
     assert in_main and rip == rip_after
     assert outcome_then is None  # paused mid-run
-    # The bench port: one read of the count, then one write per iteration the guest did:
-    # each `out` is followed by `dec %ecx`, not yet run for the last one.
-    outs = count - left + 1
+    # The bench port: one read of the count, then one write per `out` the guest did. Each
+    # `out` is followed by `dec %ecx`; stopped just after an `out`'s exit, the guest may or
+    # may not have had it completed (KVM finishes it at the next KVM_RUN, which a stop
+    # skips), and registers alone cannot tell: the counts agree to that one instruction.
     bench = runner.stats.by_place[("io", "fast" if runloop == "c" else "out", BENCH_PORT)]
-    assert outs > 1 and bench == outs + (1 if runloop == "c" else 0)
+    outs = bench - (1 if runloop == "c" else 0)
+    assert outs > 1 and count - left <= outs <= count - left + 1, (outs, count - left)
 
 
 @pytest.mark.parametrize("mem", [3 * 1024 * MiB, 8 * 1024 * MiB])

@@ -66,7 +66,7 @@ def _cmdline(flavour, kernel=None) -> list[str]:
     from vmm.builder import linux_cmdline
 
     machine = SimpleNamespace(flavour=flavour)
-    devices = SimpleNamespace(cmdline=["virtio_mmio.device=4K@0xd0000000:5"])
+    devices = SimpleNamespace(cmdline=lambda acpi: ["virtio_mmio.device=4K@0xd0000000:5"])
     config = VmConfig(kernel=kernel, command=("true",))
     return str(linux_cmdline(config, machine, devices, 4096, mailbox=False)).split()
 

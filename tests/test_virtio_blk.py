@@ -876,8 +876,9 @@ def test_attach_block_devices(tmp_path):
 
     disks = (DiskConfig(str(paths[0])), DiskConfig(str(paths[1]), read_only=True, serial="B"))
     devices = attach_disks(machine, disks, irq_line, warn=warnings.append)
-    assert devices.cmdline == ["virtio_mmio.device=4K@0xd0000000:5",
-                               "virtio_mmio.device=4K@0xd0001000:6"]
+    assert devices.cmdline(acpi=False) == ["virtio_mmio.device=4K@0xd0000000:5",
+                                           "virtio_mmio.device=4K@0xd0001000:6"]
+    assert devices.cmdline(acpi=True) == []  # an ACPI guest finds them in the DSDT
     assert irqs == [5, 6]
     assert len(warnings) == 1 and str(paths[1]) in warnings[0]
     mappings = machine.mmio.mappings()

@@ -186,7 +186,7 @@ def attached(tmp_path):
 
 def test_attach_registers_one_ioeventfd_per_queue_on_queue_notify(attached):
     path, vm, machine, devices, lines = attached
-    assert devices.cmdline == ["virtio_mmio.device=4K@0xd0000000:5"]
+    assert devices.cmdline(acpi=False) == ["virtio_mmio.device=4K@0xd0000000:5"]
     assert devices.threads == {"blk0": ("virtio-blk0-io",)}
     assert lines == []  # no KVM_IRQ_LINE line: the interrupt is an irqfd on GSI 5
     assert list(vm.irqfds) == [5]

@@ -186,6 +186,7 @@ class GuestEvents:
     on_reset: Callable[[], None]  # the guest reset the machine (reboot, panic)
     on_ready: Callable[[int, int], None] | None = None  # /init reached its ready point
     on_error_output: Callable[[bytes], None] | None = None  # bytes on ttyS1 (stderr_uart)
+    on_poweroff: Callable[[], None] | None = None  # an ACPI guest powered off (S5)
 
 
 def resolve_kernel(config: VmConfig, progress: Callable[[str], None]) -> tuple[Path, Path | None]:
@@ -320,7 +321,7 @@ def linux_cmdline(config: VmConfig, machine: Machine, devices: DeviceManager, li
         cmdline.add(*DEFAULT_INITRAMFS_CMDLINE)
     if not config.console_log:
         cmdline.add(*QUIET_CMDLINE)
-    cmdline.add(*devices.cmdline)
+    cmdline.add(*devices.cmdline(config.acpi_enabled))
     segmentation = any(net.offload and net.backend == "tap" for net in config.nets)
     cmdline.add(*pvm.cmdline_options(machine.flavour, our_kernel=config.kernel is None,
                                      segmentation_offload=segmentation))
@@ -350,10 +351,16 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
                                           str(initrd_path))
     machine.phases["loaded"] = time.monotonic_ns()
 
-    # 4. Devices, then the boot structures that describe them and the command line.
+    # 4. Devices, then the boot structures that describe them and the command line: the MP
+    #    table always, the ACPI tables for a guest that takes them (vmm/acpi/).
     devices = add_linux_devices(machine, config, output, events)
     cmdline = linux_cmdline(config, machine, devices, loaded.cmdline_limit, mailbox)
-    boot_info = linux.write_boot_info(memory, loaded, cmdline, config.mem, initrd_place)
+    rsdp = None
+    if config.acpi_enabled:
+        from vmm.acpi import write_tables
+
+        rsdp = write_tables(memory, devices.dsdt_entries(), config.cpus)
+    boot_info = linux.write_boot_info(memory, loaded, cmdline, config.mem, initrd_place, rsdp)
     memory.write(layout.MPTABLE, mptable.build_mptable(config.cpus))
     memory.write(layout.BOOT_GDT, cpu.gdt_bytes())
     memory.write(layout.BOOT_IDT, bytes(8))

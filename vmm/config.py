@@ -239,10 +239,18 @@ class VmConfig:
     # A second UART (ttyS1 at COM2) whose output is the command's stderr, apart from the
     # console's stdout (OCI containers: vmm/oci/monitor.py; /init sends the process's fd 2 there)
     stderr_uart: bool = False
+    # ACPI tables (vmm/acpi/): True, False, or None for the default: a kernel that is not
+    # ours gets them (a distribution's finds its virtio devices only through them); ours
+    # finds its devices on the command line, which costs less of PVM's emulated time.
+    acpi: bool | None = None
 
     @property
     def notify_paths(self) -> tuple[NotifyPath, ...]:
         return parse_notify_paths(self.virtio_notify)
+
+    @property
+    def acpi_enabled(self) -> bool:
+        return self.acpi if self.acpi is not None else self.kernel is not None
 
     def __post_init__(self) -> None:
         if self.cpus < 1:

@@ -29,7 +29,8 @@ from vmm.stats import ExitStats
 class ExitQuirks(Protocol):
     """Host-specific handling of exits (see vmm/arch/x86_64/pvm.py)."""
 
-    def handle_internal_error(self, vcpu: Vcpu, exit: InternalErrorExit) -> bool: ...
+    def handle_internal_error(self, vcpu: Vcpu, exit: InternalErrorExit) -> str | None:
+        """The instruction completed for the guest ("int3", "ldmxcsr"...), or None."""
 
     def describe_failure(self, vcpu: Vcpu, exit: InternalErrorExit) -> str: ...
 
@@ -83,7 +84,10 @@ class ExitDispatcher:
         elif isinstance(exit, SystemEventExit):
             self._stop(EXIT_NO_STATUS, StopReason.SYSTEM_EVENT, f"type {exit.type}")
         elif isinstance(exit, InternalErrorExit):
-            if self.quirks is not None and self.quirks.handle_internal_error(vcpu, exit):
+            completed = (self.quirks.handle_internal_error(vcpu, exit)
+                         if self.quirks is not None else None)
+            if completed is not None:  # counted: --stats shows what the host made vmm finish
+                self.stats.count("internal_error", ("completed", completed))
                 return False
             detail = (self.quirks.describe_failure(vcpu, exit) if self.quirks
                       else describe_internal_error(vcpu, exit))

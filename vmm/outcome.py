@@ -21,6 +21,7 @@ class StopReason(StrEnum):
     GUEST_EXIT = "guest exit"  # the guest wrote its status to the exit port
     GUEST_PANIC = "guest kernel panic"
     GUEST_RESET = "guest reset"  # rebooted without a status
+    GUEST_POWEROFF = "guest powered off"  # ACPI S5: the sleep control register
     HALTED = "halted"  # HLT with nothing to wake it (no irqchip)
     TRIPLE_FAULT = "triple fault"
     SYSTEM_EVENT = "system event"

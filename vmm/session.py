@@ -38,6 +38,17 @@ class RunResult:
         return self.outcome.status
 
 
+def quirks_for(machine, system_map: Path | None = None):
+    """What this KVM needs vmm to finish for a guest (PVM's emulator gaps), or None."""
+    from vmm.kvm.flavour import Flavour
+
+    if machine.flavour is Flavour.PVM:
+        from vmm.arch.x86_64.pvm import PvmQuirks
+
+        return PvmQuirks(machine.memory, system_map)
+    return None
+
+
 def run_firmware(
     config: VmConfig,
     *,
@@ -61,7 +72,8 @@ def run_firmware(
         if handle_signals:
             install_stop_signals(runner)
         with debugger(gdb, machine, runner, stderr):
-            outcome = runner.run(machine.vcpus, machine.pio, machine.mmio, timeout=config.timeout)
+            outcome = runner.run(machine.vcpus, machine.pio, machine.mmio,
+                                 quirks=quirks_for(machine), timeout=config.timeout)
         report(outcome, runner, machine, config, stderr)
         return RunResult(outcome, runner.stats, machine.phases)
     finally:
@@ -241,7 +253,8 @@ class LinuxRun:
 
         from vmm.builder import GuestEvents
 
-        events = GuestEvents(self.on_exit, self.on_reset, self.on_ready, self.error_output)
+        events = GuestEvents(self.on_exit, self.on_reset, self.on_ready, self.error_output,
+                             self.on_poweroff)
         self.guest = _make_guest(self.start, self.config, self.output, events, self.progress)
         for module in self.used_once_running():
             importlib.import_module(module)
@@ -256,6 +269,9 @@ class LinuxRun:
     # --- what the devices report -------------------------------------------------------------
     def on_exit(self, status: int) -> None:
         self.runner.stop(status, StopReason.GUEST_EXIT, f"status {status} written to the exit port")
+
+    def on_poweroff(self) -> None:
+        self.runner.stop(0, StopReason.GUEST_POWEROFF, "the guest powered off (ACPI S5)")
 
     def on_reset(self) -> None:
         if self.panic.panicked:
@@ -309,13 +325,7 @@ class LinuxRun:
 
     # --- execute -----------------------------------------------------------------------------
     def quirks(self):
-        from vmm.kvm.flavour import Flavour
-
-        if self.machine.flavour is Flavour.PVM:
-            from vmm.arch.x86_64.pvm import PvmQuirks
-
-            return PvmQuirks(self.guest.system_map)
-        return None
+        return quirks_for(self.machine, self.guest.system_map)
 
     def execute(self, stdin) -> Outcome:
         """Run the vCPUs (under the profiler if asked) until the guest ends.

@@ -10,8 +10,10 @@ A *device type* is registered once (vmm/devices/platform.py) with two functions:
   all read these specs, made from the configuration before anything is built.
 * ``make(spec, wiring)``: the device itself, its interrupt wired, its backend
   opened, its threads started; an :class:`Attached` saying what a snapshot
-  saves of it, how the guest finds it (a command-line fragment today, an ACPI
-  entry next), which threads it runs and how to close it.
+  saves of it, how a guest without ACPI finds it (a command-line fragment),
+  which threads it runs and how to close it.
+* ``acpi(spec)``, when the guest can see the device in ACPI: its ``Device``
+  term for the DSDT (vmm/acpi/), what a distribution's kernel finds it by.
 
 The :class:`DeviceManager` makes them in order, puts each on its bus at its
 resources, and is what the rest of vmm iterates: the kernel command line, a
@@ -47,6 +49,7 @@ class DeviceKind(StrEnum):
     RTC = "rtc"  # the MC146818 CMOS clock
     POST = "post"  # port 0x80, Linux's I/O delay
     DEBUG_EXIT = "debug-exit"  # a byte written ends the VM with that status
+    POWER = "power"  # an ACPI guest's sleep registers and power button
     BOOT_TIMER = "boot-timer"  # /init's "I am here" marks
     MAILBOX = "mailbox"  # /init's ready point and request buffer
     VIRTIO_BLK = "virtio-blk"
@@ -109,9 +112,11 @@ class Attached:
     spec: DeviceSpec
     device: Any  # on the bus at the spec's windows (the transport, for a virtio device)
     saved: Stateful | None = None  # what a snapshot saves; None: nothing to save
-    cmdline: tuple[str, ...] = ()  # how the guest finds it
+    cmdline: tuple[str, ...] = ()  # options the guest's kernel needs, ACPI or not
+    discovery: tuple[str, ...] = ()  # how a guest without ACPI finds it (virtio_mmio.device=)
     threads: tuple[str, ...] = ()  # the threads it runs, by name
     counters: Callable[[], dict[str, Any]] | None = None  # for --metrics
+    acpi: bytes | None = None  # its DSDT entry (AML), set by the manager from its type
 
 
 class Slots:
@@ -168,11 +173,12 @@ class DeviceType:
     plan: Callable[["VmConfig", Slots], list[DeviceSpec]]
     make: Callable[[DeviceSpec, Wiring], Attached]
     state_type: type | None = None  # the dataclass of its saved state
+    acpi: Callable[[DeviceSpec], bytes] | None = None  # its DSDT entry, if ACPI shows it
 
 
 def fixed(kind: DeviceKind, device_id: str, make: Callable[[DeviceSpec, Wiring], Attached], *,
           ports: tuple[PortWindow, ...] = (), irqs: tuple[int, ...] = (),
-          state_type: type | None = None,
+          state_type: type | None = None, acpi: Callable[[DeviceSpec], bytes] | None = None,
           when: Callable[["VmConfig"], bool] = lambda config: True) -> DeviceType:
     """A device type of one device at fixed resources (the PC's legacy devices)."""
 
@@ -181,7 +187,7 @@ def fixed(kind: DeviceKind, device_id: str, make: Callable[[DeviceSpec, Wiring],
             return []
         return [DeviceSpec(device_id, kind, Resources(ports=ports, irqs=irqs), {})]
 
-    return DeviceType(kind, plan, make, state_type)
+    return DeviceType(kind, plan, make, state_type, acpi)
 
 
 def planned(types: tuple[DeviceType, ...], config: "VmConfig") -> list[tuple[DeviceType, DeviceSpec]]:
@@ -211,7 +217,10 @@ class DeviceManager:
     def build(cls, types: tuple[DeviceType, ...], wiring: Wiring) -> "DeviceManager":
         manager = cls()
         for device_type, spec in planned(types, wiring.config):
-            manager.add(device_type.make(spec, wiring), wiring.machine)
+            attached = device_type.make(spec, wiring)
+            if device_type.acpi is not None:
+                attached.acpi = device_type.acpi(spec)
+            manager.add(attached, wiring.machine)
         return manager
 
     def add(self, attached: Attached, machine: "Machine") -> None:
@@ -237,9 +246,15 @@ class DeviceManager:
     def of_kind(self, *kinds: DeviceKind) -> list[Any]:
         return [a.device for a in self if a.spec.kind in kinds]
 
-    @property
-    def cmdline(self) -> list[str]:
-        return [fragment for a in self for fragment in a.cmdline]
+    def cmdline(self, acpi: bool) -> list[str]:
+        """What the kernel command line needs of the devices: their options, and, for a
+        guest without ACPI tables, how to find them (a kernel that has both would register
+        a virtio device twice)."""
+        return [fragment for a in self
+                for fragment in (a.cmdline if acpi else a.discovery + a.cmdline)]
+
+    def dsdt_entries(self) -> list[bytes]:
+        return [a.acpi for a in self if a.acpi is not None]
 
     @property
     def threads(self) -> dict[str, tuple[str, ...]]:

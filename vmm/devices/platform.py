@@ -25,6 +25,7 @@ from vmm.devices.model import (
     Wiring,
     fixed,
 )
+from vmm.devices.power import AcpiPower
 from vmm.devices.rtc import CmosRtc, RtcState
 from vmm.devices.serial import Serial16550, SerialState
 from vmm.devices.virtio.attach import VIRTIO_BLK, VIRTIO_NET
@@ -69,27 +70,56 @@ def _mailbox(spec: DeviceSpec, wiring: Wiring) -> Attached:
     return Attached(spec, mailbox, saved=mailbox)
 
 
+def _power(spec: DeviceSpec, wiring: Wiring) -> Attached:
+    power = AcpiPower(wiring.events.on_poweroff or (lambda: None), wiring.irq_line(layout.GED_IRQ))
+    return Attached(spec, power)
+
+
 def _port(base: int, length: int = 1, offset: int = 0) -> tuple[PortWindow, ...]:
     return (PortWindow(base, length, offset),)
 
 
+# --- how an ACPI guest sees them (the DSDT's entries, vmm/acpi/) ----------------------------
+def _uart_aml(spec: DeviceSpec) -> bytes:
+    from vmm.acpi import aml
+
+    window = spec.resources.ports[0]
+    return aml.device(spec.id.upper(), aml.name("_HID", aml.eisa_id("PNP0501")),
+                      aml.name("_UID", int(spec.id.removeprefix("com"))),
+                      aml.name("_CRS", aml.resources(aml.io(window.base, window.length),
+                                                     aml.irq(*spec.resources.irqs))))
+
+
+def _rtc_aml(spec: DeviceSpec) -> bytes:
+    from vmm.acpi import aml
+
+    window = spec.resources.ports[0]  # no interrupt: this RTC raises none
+    return aml.device("RTC", aml.name("_HID", aml.eisa_id("PNP0B00")),
+                      aml.name("_CRS", aml.resources(aml.io(window.base, window.length))))
+
+
 LINUX_DEVICES: tuple[DeviceType, ...] = (
     fixed(DeviceKind.SERIAL, "com1", _console, ports=_port(layout.COM1_PORT, 8),
-          irqs=(layout.COM1_IRQ,), state_type=SerialState),
+          irqs=(layout.COM1_IRQ,), state_type=SerialState, acpi=_uart_aml),
     fixed(DeviceKind.SERIAL, "com2", _stderr_console, ports=_port(layout.COM2_PORT, 8),
-          irqs=(layout.COM2_IRQ,), state_type=SerialState, when=lambda c: c.stderr_uart),
+          irqs=(layout.COM2_IRQ,), state_type=SerialState, acpi=_uart_aml,
+          when=lambda c: c.stderr_uart),
     # Two one-port windows: 0x61 between them is the PC's system control port B,
     # which KVM's PIT answers in the kernel (KVM_PIT_SPEAKER_DUMMY).
     fixed(DeviceKind.I8042, "i8042", _i8042,
           ports=(PortWindow(layout.I8042_DATA_PORT, 1, i8042_registers.DATA),
                  PortWindow(layout.I8042_COMMAND_PORT, 1, i8042_registers.COMMAND)),
           state_type=I8042State),
-    fixed(DeviceKind.RTC, "rtc", _rtc, ports=_port(layout.RTC_PORT, 2), state_type=RtcState),
+    fixed(DeviceKind.RTC, "rtc", _rtc, ports=_port(layout.RTC_PORT, 2), state_type=RtcState,
+          acpi=_rtc_aml),
     fixed(DeviceKind.POST, "post", _post, ports=_port(layout.POST_PORT)),
     fixed(DeviceKind.DEBUG_EXIT, "debug-exit", _debug_exit, ports=_port(layout.EXIT_PORT)),
     fixed(DeviceKind.BOOT_TIMER, "boot-timer", _boot_timer, ports=_port(layout.BOOT_TIMER_PORT)),
     fixed(DeviceKind.MAILBOX, "mailbox", _mailbox,
           ports=_port(layout.MAILBOX_PORT, layout.MAILBOX_PORT_SIZE), state_type=MailboxState),
+    # The DSDT's power button and the FADT's sleep registers (vmm/acpi/tables.py).
+    fixed(DeviceKind.POWER, "power", _power, ports=_port(layout.ACPI_PM_PORT, 2),
+          irqs=(layout.GED_IRQ,), when=lambda c: c.acpi_enabled),
     VIRTIO_BLK,  # one per --disk: blk0, blk1... (/dev/vda, /dev/vdb...)
     VIRTIO_NET,  # one per --net after the disks: net0, net1... (eth0, eth1...)
 )

@@ -18,6 +18,7 @@ E820_ENTRIES_OFFSET = 0x1E8  # u8 e820_entries
 EXT_RAMDISK_IMAGE_OFFSET = 0x0C0
 EXT_RAMDISK_SIZE_OFFSET = 0x0C4
 EXT_CMD_LINE_PTR_OFFSET = 0x0C8
+ACPI_RSDP_ADDR_OFFSET = 0x070  # u64 acpi_rsdp_addr
 E820_TABLE_OFFSET = 0x2D0
 E820_MAX_ENTRIES = 128
 
@@ -34,6 +35,7 @@ def build_zero_page(
     cmdline_size: int,
     e820: list[tuple[int, int, int]],
     initrd: tuple[int, int] | None = None,
+    rsdp: int | None = None,
 ) -> bytes:
     """A 4 KiB boot_params. ``header_bytes``: the bzImage's header, or None (vmlinux)."""
     page = bytearray(BOOT_PARAMS_SIZE)
@@ -73,6 +75,8 @@ def build_zero_page(
     length = len(header_bytes) if header_bytes else len(built)
     page[SETUP_HEADER_OFFSET : SETUP_HEADER_OFFSET + length] = built[:length]
     page[EXT_CMD_LINE_PTR_OFFSET : EXT_CMD_LINE_PTR_OFFSET + 4] = (cmdline_address >> 32).to_bytes(4, "little")
+    if rsdp is not None:  # boot protocol 2.14: where the kernel finds the ACPI tables
+        page[ACPI_RSDP_ADDR_OFFSET : ACPI_RSDP_ADDR_OFFSET + 8] = rsdp.to_bytes(8, "little")
     if len(e820) > E820_MAX_ENTRIES:
         raise ValueError(f"{len(e820)} e820 entries, the zero page holds {E820_MAX_ENTRIES}")
     page[E820_ENTRIES_OFFSET] = len(e820)

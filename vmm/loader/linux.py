@@ -143,8 +143,9 @@ def place_initrd(memory: GuestMemory, initrd: bytes, kernel_end: int, max_addres
 
 
 def write_boot_info(memory: GuestMemory, kernel: LoadedKernel, cmdline: Cmdline, mem_size: int,
-                    initrd: tuple[int, int] | None) -> int:
-    """Command line, memory map and zero page or start info. Returns its address."""
+                    initrd: tuple[int, int] | None, rsdp: int | None = None) -> int:
+    """Command line, memory map and zero page or start info (with the ACPI RSDP's address,
+    when there are tables). Returns its address."""
     encoded = cmdline.encode()
     memory.write(layout.CMDLINE, encoded)
     e820 = e820_map(mem_size)
@@ -157,7 +158,7 @@ def write_boot_info(memory: GuestMemory, kernel: LoadedKernel, cmdline: Cmdline,
         memory.write(layout.PVH_START_INFO, pvh.build_start_info(
             cmdline_address=layout.CMDLINE, memmap_address=layout.PVH_MEMMAP,
             memmap_entries=len(e820), modlist_address=modlist if modules else 0,
-            nr_modules=len(modules),
+            nr_modules=len(modules), rsdp_address=rsdp or 0,
         ))
         return layout.PVH_START_INFO
     from vmm.loader import bootparams
@@ -165,6 +166,6 @@ def write_boot_info(memory: GuestMemory, kernel: LoadedKernel, cmdline: Cmdline,
     header = kernel.bzimage.header_bytes if kernel.bzimage is not None else None
     memory.write(layout.ZERO_PAGE, bootparams.build_zero_page(
         header, cmdline_address=layout.CMDLINE, cmdline_size=cmdline.limit, e820=e820,
-        initrd=initrd,
+        initrd=initrd, rsdp=rsdp,
     ))
     return layout.ZERO_PAGE

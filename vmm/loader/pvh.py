@@ -36,10 +36,11 @@ def build_start_info(
     memmap_entries: int,
     modlist_address: int = 0,
     nr_modules: int = 0,
+    rsdp_address: int = 0,
 ) -> bytes:
     return StartInfo.build(
         magic=HVM_START_MAGIC, version=HVM_START_INFO_VERSION, flags=0, nr_modules=nr_modules,
-        modlist_paddr=modlist_address, cmdline_paddr=cmdline_address, rsdp_paddr=0,
+        modlist_paddr=modlist_address, cmdline_paddr=cmdline_address, rsdp_paddr=rsdp_address,
         memmap_paddr=memmap_address, memmap_entries=memmap_entries, reserved=0,
     )
 

@@ -30,6 +30,10 @@ MPTABLE = 0x9FC00  # MP floating pointer + table, in the EBDA where Linux scans
 EBDA_START = 0x9FC00
 BIOS_START = 0xA0000  # 640 KiB: VGA + BIOS area, reserved in e820
 HIGH_MEMORY = 0x100000  # 1 MiB: where protected-mode kernels are loaded
+# ACPI tables (vmm/acpi/): the RSDP first, where a kernel that is told nothing scans
+# (0xE0000-0xFFFFF, reserved in e820), the other tables after it.
+ACPI_START = 0xE0000
+ACPI_SIZE = 0x10000
 
 # What vmm itself writes below 1 MiB for a Linux guest: (name, start, size).
 # A kernel segment may not land on any of it (the loader refuses one below
@@ -42,6 +46,7 @@ BOOT_STRUCTURES = (
     ("zero page", ZERO_PAGE, 0x1000),
     ("boot stack", 0x8000, BOOT_STACK + 0x10 - 0x8000),
     ("page tables", PML4, PDE + PDE_PAGES * 0x1000 - PML4),
+    ("ACPI tables", ACPI_START, ACPI_SIZE),
     ("kernel command line", CMDLINE, CMDLINE_MAX),
     ("MP table", MPTABLE, BIOS_START - MPTABLE),
 )
@@ -128,6 +133,8 @@ BENCH_PORT = 0x502  # 4 ports (a 32-bit IN reads the count): writes discarded, r
 BENCH_PORT_SIZE = 4
 BOOT_TIMER_PORT = 0x510  # the guest says "I reached init" / "I am done"
 MAILBOX_PORT = 0x520  # /init's ready point: where its request buffer is (16 ports, one byte each)
+ACPI_PM_PORT = 0x600  # an ACPI guest's sleep control (0x600) and status (0x601) registers
+GED_IRQ = 16  # the power button's Generic Event Device: a GSI above the ISA ones (IOAPIC pin 16)
 MAILBOX_PORT_SIZE = 16
 
 # --- Guest RAM limits ---------------------------------------------------------------

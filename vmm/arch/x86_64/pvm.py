@@ -13,7 +13,13 @@ where vmm never loads this module's workarounds (builder: only when
    * ``int3`` (0xCC, the kernel's self-test, once per boot): advance RIP by 1
      and inject #BP (vector 3), which is what the CPU would have done;
    * ``fwait`` (0x9B, once per process exit in the FPU code): a no-op when no
-     x87 exception is pending, so advance RIP by 1.
+     x87 exception is pending, so advance RIP by 1;
+   * ``ldmxcsr m32`` / ``stmxcsr m32`` (0F AE /2, /3: a distribution's kernel
+     sets MXCSR in ``kernel_fpu_begin``, Debian's cloud kernel at its first
+     FPU use in kernel mode on AMD hosts): the memory operand decoded
+     (vmm/arch/x86_64/insn.py), its address translated through the guest's
+     page tables, MXCSR read or written through ``KVM_GET/SET_FPU``, RIP
+     advanced; a reserved bit set in the new value is the CPU's #GP(0).
    Any other failure ends the run with RIP, bytes and the guest symbol.
 2. Kernel command-line options, each avoiding an instruction the emulator
    cannot run in guest kernel mode or a hang:
@@ -31,13 +37,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vmm.arch.x86_64 import insn
+from vmm.arch.x86_64.paging import translator
 from vmm.kvm.exits import InternalErrorExit
 from vmm.kvm.vcpu import Vcpu
 from vmm.loader.symbols import SymbolTable
 
 INT3 = 0xCC
 FWAIT = 0x9B
-BP_VECTOR = 3
+BP_VECTOR, GP_VECTOR = 3, 13
+EFER_LMA = 1 << 10
+MXCSR_WRITABLE = 0xFFFF  # MXCSR_MASK of the CPUs PVM runs on (DAZ included): the rest #GP
 
 # CPU features the host's CPUID shows the guest (KVM_SET_CPUID2 has no effect
 # on PVM) whose instructions fail in the emulator in kernel mode. ``clearcpuid``
@@ -137,39 +147,68 @@ def cmdline_options(flavour, our_kernel: bool, *, segmentation_offload: bool = F
 class PvmQuirks:
     """The runner's ExitQuirks for PVM hosts: fix what the emulator cannot do."""
 
-    def __init__(self, system_map: Path | None = None) -> None:
+    def __init__(self, memory, system_map: Path | None = None) -> None:
+        self.memory = memory  # guest RAM: the memory operands of ldmxcsr/stmxcsr
         self.system_map = system_map
         self._symbols: SymbolTable | None = None
-        self.completed: dict[str, int] = {}  # "int3" → times completed for the guest
 
-    def handle_internal_error(self, vcpu: Vcpu, exit: InternalErrorExit) -> bool:
+    def handle_internal_error(self, vcpu: Vcpu, exit: InternalErrorExit) -> str | None:
         if not exit.is_emulation_failure or not exit.instruction:
-            return False
+            return None
         opcode = exit.instruction[0]
         if opcode == INT3:
             self._skip(vcpu, 1)
-            events = vcpu.get_vcpu_events()
-            events.exception.injected = 1
-            events.exception.nr = BP_VECTOR
-            events.exception.has_error_code = 0
-            events.exception.error_code = 0
-            events.flags = 0
-            vcpu.set_vcpu_events(events)
-            self._count("int3")
-            return True
+            self._inject(vcpu, BP_VECTOR)
+            return "int3"
         if opcode == FWAIT:
             self._skip(vcpu, 1)
-            self._count("fwait")
-            return True
-        return False
+            return "fwait"
+        try:
+            instruction = insn.decode(exit.instruction)
+        except insn.DecodeError:
+            return None
+        return self._complete_mxcsr(vcpu, instruction)
+
+    def _complete_mxcsr(self, vcpu: Vcpu, instruction: insn.Instruction) -> str | None:
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        if not sregs.efer & EFER_LMA or not sregs.cs.l:
+            return None  # decoded for 64-bit mode only: the kernel's
+        registers = {name: getattr(regs, name) for name in insn.GPRS}
+        next_rip = regs.rip + instruction.length
+        linear = instruction.operand.address(registers, next_rip,
+                                             {"fs": sregs.fs.base, "gs": sregs.gs.base})
+        translate = translator(self.memory, sregs.cr3)
+        physical = translate(linear)
+        if physical is None or linear & 0xFFF > 0xFFC:  # unmapped, or across two pages
+            return None  # (the kernel's operand is on its stack: never seen)
+        fpu = vcpu.get_fpu()
+        if instruction.operation is insn.Operation.LDMXCSR:
+            value = self.memory.read_u32(physical)
+            if value & ~MXCSR_WRITABLE:
+                self._inject(vcpu, GP_VECTOR, error_code=0)  # as the CPU: RIP stays
+                return "ldmxcsr"
+            fpu.mxcsr = value
+            vcpu.set_fpu(fpu)
+        else:
+            self.memory.write_u32(physical, fpu.mxcsr)
+        regs.rip = next_rip
+        vcpu.set_regs(regs)
+        return instruction.operation.value
+
+    @staticmethod
+    def _inject(vcpu: Vcpu, vector: int, error_code: int | None = None) -> None:
+        events = vcpu.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = vector
+        events.exception.has_error_code = int(error_code is not None)
+        events.exception.error_code = error_code or 0
+        events.flags = 0
+        vcpu.set_vcpu_events(events)
 
     def _skip(self, vcpu: Vcpu, length: int) -> None:
         regs = vcpu.get_regs()
         regs.rip += length
         vcpu.set_regs(regs)
-
-    def _count(self, what: str) -> None:
-        self.completed[what] = self.completed.get(what, 0) + 1
 
     def describe_failure(self, vcpu: Vcpu, exit: InternalErrorExit) -> str:
         rip = vcpu.get_regs().rip

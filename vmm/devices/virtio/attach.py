@@ -19,6 +19,7 @@ from typing import Callable
 
 from typing import TYPE_CHECKING
 
+from vmm.arch.x86_64.layout import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
 from vmm.config import DiskConfig, NetConfig, NotifyPath, VmConfig
 from vmm.devices.model import (
     Attached,
@@ -66,7 +67,8 @@ def make_disk(spec: DeviceSpec, wiring: Wiring) -> Attached:
     return _on_transport(spec, wiring, device, disk.notify)
 
 
-VIRTIO_BLK = DeviceType(DeviceKind.VIRTIO_BLK, plan_disks, make_disk, TransportState)
+VIRTIO_BLK = DeviceType(DeviceKind.VIRTIO_BLK, plan_disks, make_disk, TransportState,
+                        acpi=lambda spec: virtio_aml(spec))
 
 
 # --- virtio-net ------------------------------------------------------------------------------
@@ -120,7 +122,8 @@ def make_nic(spec: DeviceSpec, wiring: Wiring) -> Attached:
     return attached
 
 
-VIRTIO_NET = DeviceType(DeviceKind.VIRTIO_NET, plan_nics, make_nic, TransportState)
+VIRTIO_NET = DeviceType(DeviceKind.VIRTIO_NET, plan_nics, make_nic, TransportState,
+                        acpi=lambda spec: virtio_aml(spec))
 
 
 # --- the transport, shared -------------------------------------------------------------------
@@ -150,8 +153,21 @@ def _on_transport(spec: DeviceSpec, wiring: Wiring, device, path: NotifyPath) ->
     if path is NotifyPath.IOEVENTFD:
         threads = (_attach_ioeventfds(machine, transport, base, wiring.trace),)
     return Attached(spec, transport, saved=transport, threads=threads,
-                    cmdline=(f"virtio_mmio.device={size // 1024}K@{base:#x}:{irq}",),
+                    discovery=(f"virtio_mmio.device={size // 1024}K@{base:#x}:{irq}",),
                     counters=transport.counters)
+
+
+def virtio_aml(spec: DeviceSpec) -> bytes:
+    """A virtio-mmio transport in the DSDT: what Debian's virtio_mmio module is loaded for
+    (its only ACPI alias is LNRO0005), its window and its interrupt (an edge: irqfd)."""
+    from vmm.acpi import aml
+
+    (base, size), (irq,) = spec.resources.mmio[0], spec.resources.irqs
+    slot = (base - VIRTIO_MMIO_BASE) // VIRTIO_MMIO_SIZE
+    return aml.device(spec.id.upper(), aml.name("_HID", "LNRO0005"), aml.name("_UID", slot),
+                      aml.name("_CCA", 1),  # cache-coherent DMA: guest RAM is the host's
+                      aml.name("_CRS", aml.resources(aml.memory32_fixed(base, size),
+                                                     aml.interrupt(irq))))
 
 
 def ioeventfd_supported(vm) -> bool:
