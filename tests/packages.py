@@ -25,6 +25,9 @@ PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "iproute2": (("ip",), "test_net.py: network namespaces, veth and TAP devices"),
     "passt": (("passt",), "test_net.py: --net user"),
     "acpica-tools": (("iasl",), "test_acpi.py: iasl disassembles every ACPI table vmm makes"),
+    "lz4": (("lz4",), "test_decompress.py: kernel payloads as the kernel's build makes them"),
+    "zstd": (("zstd",), "test_decompress.py: kernel payloads, Debian's initrd"),
+    "lzop": (("lzop",), "test_decompress.py: LZO kernel payloads"),
 }
 
 

@@ -39,13 +39,6 @@ def test_command_output_argv_and_exit_status(start: list[str]) -> None:
     assert len(out.splitlines()) == 2
 
 
-def test_bzimage_boot() -> None:
-    """The bzImage path: setup header, zero page, 64-bit entry, LZ4 decompressor."""
-    result = vmm_run("--cold", "--kernel", str(guest_kernel().bzimage), "--", "echo", "booted from bzImage")
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode() == "booted from bzImage\n"
-
-
 def test_two_cpus_and_module_parameters_in_sysfs() -> None:
     """2 vCPUs; and patch 0004 (each built-in module's sysfs parameters created once)."""
     script = (

@@ -207,4 +207,6 @@ def test_a_stalled_passt_leaves_the_guest_running_and_counting_drops(tmp_path):
             time.sleep(0.1)
     assert vmm.wait(timeout=60) == 0
     nic = json.loads(metrics.read_text())["devices"]["net0"]
-    assert nic["frames_sent"] >= 200 and nic["backend_dropped"] > 0, nic
+    # Some frames passed (the queue, the socket's buffer), the rest were counted as dropped;
+    # how many reached the NIC at all is the guest's business (its stack drops some too).
+    assert nic["backend_dropped"] > 0 and nic["frames_sent"] > nic["backend_dropped"], nic

@@ -215,6 +215,18 @@ def resolve_initrd(config: VmConfig, progress: Callable[[str], None]) -> Path | 
     return default_initramfs(progress)
 
 
+def _decompressed(kernel: Path, initrd: Path | None, progress) -> tuple[Path, Path | None]:
+    """A bzImage's vmlinux and a compressed initrd's plain cpio, decompressed on the host
+    (vmm/loader/decompress.py), each cached by content; files that need none as they are."""
+    from vmm.loader.decompress import plain_initrd, vmlinux_of
+
+    with open(kernel, "rb") as f:
+        header = f.read(0x206)
+    if header[0x202:0x206] == b"HdrS":
+        kernel = vmlinux_of(kernel, progress) or kernel
+    return kernel, plain_initrd(initrd, progress) if initrd is not None else None
+
+
 def build_linux_vm(
     config: VmConfig,
     output: Callable[[bytes], None],
@@ -234,8 +246,10 @@ def build_linux_vm(
     # 0. The guest's files, checked and read before KVM is touched.
     check_guest_files(config, disks=False)  # the devices open the disks (step 4)
     kernel_path, system_map = resolve_kernel(config, progress)
-    kernel = _read_image(kernel_path, "kernel", mapped=True)
     initrd_path = resolve_initrd(config, progress)
+    if config.decompress:
+        kernel_path, initrd_path = _decompressed(kernel_path, initrd_path, progress)
+    kernel = _read_image(kernel_path, "kernel", mapped=True)
     initrd = _read_image(initrd_path, "initrd") if initrd_path else None
 
     # 1-2. KVM, the VM, its in-kernel platform and its RAM; released again if a later step fails.

@@ -243,6 +243,9 @@ class VmConfig:
     # ours gets them (a distribution's finds its virtio devices only through them); ours
     # finds its devices on the command line, which costs less of PVM's emulated time.
     acpi: bool | None = None
+    # A bzImage's payload and a compressed initrd decompressed on the host (vmm/loader/
+    # decompress.py): the guest's own decompressor runs emulated on PVM. False: as they are.
+    decompress: bool = True
 
     @property
     def notify_paths(self) -> tuple[NotifyPath, ...]:

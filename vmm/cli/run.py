@@ -8,6 +8,7 @@ boots it from scratch (vmm/snapshot/cache.py says what "the same" means).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -43,6 +44,12 @@ MACHINE_OPTIONS = [
                  help="Stop the guest after this long (status 124)."),
     click.option("--console-log", is_flag=True,
                  help="Show the guest kernel's log, not only the command's output."),
+    click.option("--acpi", type=click.Choice(["on", "off"]), default=None,
+                 help="ACPI tables for the guest [default: on for a --kernel not ours, which "
+                      "finds its virtio devices only through them; off for ours]."),
+    click.option("--decompress/--no-decompress", default=True,
+                 help="Decompress a bzImage's kernel and a compressed initrd on the host (the "
+                      "guest's own decompressor is emulated on PVM) [default: on]."),
 ]
 
 
@@ -54,7 +61,8 @@ def machine_options(function):
 
 def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=None, cpus=None,
                  disks=(), nets=(), root=None, virtio_notify="ioeventfd", runloop="c", trace=False,
-                 stats=False, timeout=None, console_log=False, command=()):
+                 stats=False, timeout=None, console_log=False, command=(), acpi=None,
+                 decompress=True):
     """The VmConfig the options describe (validated: bad input raises UsageError)."""
     from vmm.config import DiskConfig, NetConfig, VmConfig, parse_size
 
@@ -70,7 +78,22 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
         nets=tuple(n for n in (NetConfig.parse(text) for text in nets) if n is not None),
         virtio_notify=virtio_notify, runloop=runloop, trace=trace, stats=stats, timeout=timeout,
         console_log=console_log, interactive=not command and sys.stdin.isatty(),
+        acpi=_acpi_for(acpi, kernel), decompress=decompress,
     )
+
+
+def _acpi_for(choice: str | None, kernel: str | None) -> bool | None:
+    """--acpi on|off; by default on for a kernel that is not ours (a --kernel naming our
+    own build is ours: it finds its devices on the command line)."""
+    if choice is not None:
+        return choice == "on"
+    if kernel is None:
+        return False
+    from vmm.images.kernel import cached_kernel
+
+    ours = cached_kernel()
+    resolved = Path(kernel).resolve()
+    return not (ours and resolved in (Path(ours.bzimage).resolve(), Path(ours.vmlinux).resolve()))
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -99,7 +122,8 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify, runloop, trace,
-        stats, timeout, console_log, restore, cold, profile, profile_out, symbols, initcalls,
+        stats, timeout, console_log, acpi, decompress, restore, cold, profile, profile_out, symbols,
+        initcalls,
         gdb, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status.
 
@@ -141,7 +165,8 @@ def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, 
     config = build_config(
         firmware=firmware, kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
         disks=disks, nets=nets, root=root, virtio_notify=virtio_notify, runloop=runloop, trace=trace,
-        stats=stats, timeout=timeout, console_log=console_log, command=command)
+        stats=stats, timeout=timeout, console_log=console_log, command=command, acpi=acpi,
+        decompress=decompress)
     recorder = None
     if boot_timer or metrics:
         from vmm.bench.phases import PhaseRecorder

@@ -18,7 +18,7 @@ def snapshot() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @machine_options
 def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify,
-           runloop, trace, stats, timeout, console_log) -> None:
+           runloop, trace, stats, timeout, console_log, acpi, decompress) -> None:
     """Boot a guest to its ready point and save it in DIRECTORY (new or empty).
 
     The guest's /init waits there for a command: `vmm run --restore DIRECTORY
@@ -39,7 +39,8 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, vir
                             "outside the VM)")
     config = build_config(kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
                           disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop,
-                          trace=trace, stats=stats, timeout=timeout, console_log=console_log)
+                          trace=trace, stats=stats, timeout=timeout, console_log=console_log,
+                          acpi=acpi, decompress=decompress)
     from vmm.loader.files import check_guest_files
 
     check_guest_files(config)  # as `vmm run` checks them

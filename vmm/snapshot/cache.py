@@ -88,6 +88,7 @@ def cache_key(config: VmConfig, kernel: Path, initrd: Path | None, host) -> str:
         "cmdline": config.cmdline,
         "console_log": config.console_log,
         "virtio_notify": config.virtio_notify,
+        "decompress": config.decompress,
         # Every device as the guest sees it (the table a snapshot keeps: ids, resources, a
         # NIC's MAC, MTU and features...); not the host's side, which each run makes anew:
         # a TAP device's name, passt's forwards. Then the disks' files, by identity.
