@@ -73,7 +73,7 @@ def test_cost_options_are_on_the_pvm_command_line() -> None:
 
 class LongModeVcpu(FakeVcpu):
     """A vCPU in 64-bit mode with every general register, its page tables at PML4 and an
-    FPU (the MXCSR): what the completion of ldmxcsr/stmxcsr reads and writes."""
+    XSAVE area (the MXCSR): what the completion of ldmxcsr/stmxcsr reads and writes."""
 
     def __init__(self, rip: int, **registers: int) -> None:
         super().__init__(rip)
@@ -82,16 +82,27 @@ class LongModeVcpu(FakeVcpu):
         segment = lambda base=0: SimpleNamespace(base=base)  # noqa: E731
         self.sregs = SimpleNamespace(efer=1 << 10 | 1 << 8, cs=SimpleNamespace(l=1),
                                      cr3=layout.PML4, fs=segment(), gs=segment(0x20_0000))
-        self.fpu = SimpleNamespace(mxcsr=0x1F80)
+        # MXCSR at byte 24; XSTATE_BV (byte 512) 0: every component in its init state,
+        # as the host's XSAVE leaves a guest that has not touched SSE
+        self.xsave = SimpleNamespace(region=[0] * 6 + [0x1F80] + [0] * 1017)
+
+    @property
+    def mxcsr(self) -> int:
+        return self.xsave.region[6]
 
     def get_sregs(self):
         return self.sregs
 
-    def get_fpu(self):
-        return self.fpu
+    def get_xsave(self):
+        return self.xsave
 
-    def set_fpu(self, fpu) -> None:
-        self.fpu = fpu
+    def set_xsave(self, xsave) -> None:
+        """As Linux's copy_uabi_to_xstate: MXCSR is taken only when the header says the
+        x87 or SSE component is in use, else the component stays in its init state."""
+        region = list(xsave.region)
+        if not region[128] & 0b11:
+            region[6] = 0x1F80
+        self.xsave = SimpleNamespace(region=region)
 
 
 @pytest.fixture
@@ -114,12 +125,12 @@ def test_ldmxcsr_from_the_stack_is_completed_as_the_cpu_would(memory):
     quirks = PvmQuirks(memory)
     assert quirks.handle_internal_error(vcpu, emulation_failure(bytes.fromhex("0f ae 54 24 04"))) \
         == "ldmxcsr"
-    assert vcpu.fpu.mxcsr == 0x9F80 and vcpu.regs.rip == 0xFFFF_8005
+    assert vcpu.mxcsr == 0x9F80 and vcpu.regs.rip == 0xFFFF_8005
 
 
 def test_stmxcsr_through_a_rex_register_and_a_gs_base(memory):
     vcpu = LongModeVcpu(0x1000, r9=0x10)
-    vcpu.fpu.mxcsr = 0x1FC0
+    vcpu.xsave.region[6] = 0x1FC0
     stored = emulation_failure(bytes.fromhex("65 41 0f ae 59 f8"))  # stmxcsr %gs:-0x8(%r9)
     assert PvmQuirks(memory).handle_internal_error(vcpu, stored) == "stmxcsr"
     assert memory.read_u32(0x20_0008) == 0x1FC0 and vcpu.regs.rip == 0x1006
@@ -130,7 +141,7 @@ def test_a_reserved_mxcsr_bit_is_the_cpus_general_protection_fault(memory):
     vcpu = LongModeVcpu(0x1000, rsp=0x30_0000)
     assert PvmQuirks(memory).handle_internal_error(
         vcpu, emulation_failure(bytes.fromhex("0f ae 54 24 04"))) == "ldmxcsr"
-    assert vcpu.fpu.mxcsr == 0x1F80 and vcpu.regs.rip == 0x1000  # unchanged: the fault's
+    assert vcpu.mxcsr == 0x1F80 and vcpu.regs.rip == 0x1000  # unchanged: the fault's
     assert (vcpu.events.exception.nr, vcpu.events.exception.has_error_code,
             vcpu.events.exception.error_code) == (GP_VECTOR, 1, 0)
 

@@ -87,7 +87,7 @@ class ExitDispatcher:
             completed = (self.quirks.handle_internal_error(vcpu, exit)
                          if self.quirks is not None else None)
             if completed is not None:  # counted: --stats shows what the host made vmm finish
-                self.stats.count("internal_error", ("completed", completed))
+                self.stats.complete(completed)
                 return False
             detail = (self.quirks.describe_failure(vcpu, exit) if self.quirks
                       else describe_internal_error(vcpu, exit))

@@ -18,7 +18,7 @@ where vmm never loads this module's workarounds (builder: only when
      sets MXCSR in ``kernel_fpu_begin``, Debian's cloud kernel at its first
      FPU use in kernel mode on AMD hosts): the memory operand decoded
      (vmm/arch/x86_64/insn.py), its address translated through the guest's
-     page tables, MXCSR read or written through ``KVM_GET/SET_FPU``, RIP
+     page tables, MXCSR read or written in the ``KVM_GET/SET_XSAVE`` area, RIP
      advanced; a reserved bit set in the new value is the CPU's #GP(0).
    Any other failure ends the run with RIP, bytes and the guest symbol.
 2. Kernel command-line options, each avoiding an instruction the emulator
@@ -47,6 +47,9 @@ INT3 = 0xCC
 FWAIT = 0x9B
 BP_VECTOR, GP_VECTOR = 3, 13
 EFER_LMA = 1 << 10
+XSAVE_MXCSR_WORD = 6  # struct kvm_xsave's region[]: MXCSR at byte 24 of the legacy area
+XSAVE_XSTATE_BV_WORD = 128  # the XSAVE header's XSTATE_BV (byte 512): components not in init
+XFEATURE_SSE = 1 << 1  # MXCSR belongs to the SSE component
 MXCSR_WRITABLE = 0xFFFF  # MXCSR_MASK of the CPUs PVM runs on (DAZ included): the rest #GP
 
 # CPU features the host's CPUID shows the guest (KVM_SET_CPUID2 has no effect
@@ -181,16 +184,22 @@ class PvmQuirks:
         physical = translate(linear)
         if physical is None or linear & 0xFFF > 0xFFC:  # unmapped, or across two pages
             return None  # (the kernel's operand is on its stack: never seen)
-        fpu = vcpu.get_fpu()
+        # MXCSR through the XSAVE area's legacy region (bytes 24-27): on PVM KVM_GET_FPU
+        # reads 0 and KVM_SET_FPU changes nothing (measured), the XSAVE area is the state.
+        xsave = vcpu.get_xsave()
         if instruction.operation is insn.Operation.LDMXCSR:
             value = self.memory.read_u32(physical)
             if value & ~MXCSR_WRITABLE:
                 self._inject(vcpu, GP_VECTOR, error_code=0)  # as the CPU: RIP stays
                 return "ldmxcsr"
-            fpu.mxcsr = value
-            vcpu.set_fpu(fpu)
+            xsave.region[XSAVE_MXCSR_WORD] = value
+            # With SSE in its init state (XSTATE_BV bit 1 clear: untouched XMM registers,
+            # the default MXCSR) the kernel's KVM_SET_XSAVE ignores the MXCSR written: set
+            # the bit, or the write is lost whenever the host last saved SSE as init.
+            xsave.region[XSAVE_XSTATE_BV_WORD] |= XFEATURE_SSE
+            vcpu.set_xsave(xsave)
         else:
-            self.memory.write_u32(physical, fpu.mxcsr)
+            self.memory.write_u32(physical, xsave.region[XSAVE_MXCSR_WORD])
         regs.rip = next_rip
         vcpu.set_regs(regs)
         return instruction.operation.value
