@@ -17,8 +17,9 @@ import pytest
 
 # Debian package -> (the programs the tests run from it, which tests)
 PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
-    "binutils": (("as", "ld", "objcopy"), "test_firmware_build.py: our firmware payloads"),
-    "e2fsprogs": (("mkfs.ext4", "debugfs"), "disk and container root images"),
+    "binutils": (("as", "ld", "objcopy", "objdump"),
+                 "test_firmware_build.py: our firmware payloads; test_pvm_syscall.py: the stub"),
+    "e2fsprogs": (("mkfs.ext4", "debugfs", "e2fsck"), "disk and container root images"),
     "containerd": (("containerd", "ctr", "containerd-shim-runc-v2"),
                    "test_oci_containerd.py: a private containerd runs vmm-runtime"),
     "gdb": (("gdb",), "test_gdb.py: the real GDB against our stub"),
@@ -28,6 +29,7 @@ PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
     "lz4": (("lz4",), "test_decompress.py: kernel payloads as the kernel's build makes them"),
     "zstd": (("zstd",), "test_decompress.py: kernel payloads, Debian's initrd"),
     "lzop": (("lzop",), "test_decompress.py: LZO kernel payloads"),
+    "mmdebstrap": (("mmdebstrap",), "test_distro.py: the Debian root whose kernel and systemd boot"),
 }
 
 

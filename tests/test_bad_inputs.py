@@ -50,17 +50,24 @@ def refused(args: list[str], kind: str, timeout: float = 60) -> str:
     return lines[0]
 
 
+def command(option: list[str]) -> list[str]:
+    """A command for vmm's /init; with --initrd the guest's own init runs, and takes none."""
+    return [] if option[0] == "--initrd" else ["--", "true"]
+
+
 PATHS = {  # how each path is asked for, around the bad option
-    "cold": lambda option: ["run", "--cold", *option, "--", "true"],
-    "warm": lambda option: ["run", *option, "--", "true"],
+    "cold": lambda option: ["run", "--cold", *option, *command(option)],
+    "warm": lambda option: ["run", *option, *command(option)],
     "snapshot create": lambda option: ["snapshot", "create", "{snapshot}", *option],
 }
 
 
 # Random bytes are a good raw disk (the guest reads them, as from QEMU's or Firecracker's
-# raw images): not in the table for --disk.
+# raw images): not in the table for --disk. A snapshot is saved at the ready point of
+# vmm's /init, which --initrd replaces: `snapshot create` refuses any --initrd (below).
 CASES = [(option, path, kind) for option in ("--kernel", "--initrd", "--disk") for path in PATHS
-         for kind in KINDS if (option, kind) != ("--disk", "random")]
+         for kind in KINDS if (option, kind) != ("--disk", "random")
+         and (option, path) != ("--initrd", "snapshot create")]
 
 
 @pytest.mark.parametrize("option, path, kind", CASES)
@@ -72,6 +79,22 @@ def test_a_bad_file_is_one_line_on_every_path(tmp_path, path, option, kind):
     line = refused(args, kind)
     assert str(bad) in line and SAYS[kind] in line.removeprefix(f"vmm: {bad}"), line
     assert not snapshot.exists()  # snapshot create left nothing
+
+
+def test_snapshot_create_refuses_an_initrd_in_one_line(tmp_path):
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"070701")
+    line = refused(["snapshot", "create", str(tmp_path / "snapshot"), "--initrd", str(initrd)],
+                   "random")
+    assert f"--initrd {initrd}" in line and "ready point" in line, line
+    assert not (tmp_path / "snapshot").exists()
+
+
+def test_a_command_with_the_guests_own_init_is_one_line(tmp_path):
+    initrd = tmp_path / "initrd.img"
+    initrd.write_bytes(b"070701")
+    line = refused(["run", "--initrd", str(initrd), "--", "true"], "random")
+    assert "--initrd replaces it" in line, line
 
 
 @pytest.mark.parametrize("kind", [k for k in KINDS if k != "random"])
@@ -125,3 +148,9 @@ def test_vmm_runtime_refuses_a_bad_config_json_in_one_line(tmp_path, kind):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"vmm-runtime: {bundle}/config.json: "), lines
     assert not (root / "c1").exists()
+
+
+def test_acpi_on_for_a_kernel_without_acpi_is_one_line(tmp_path):
+    """Our kernel has no CONFIG_ACPI: its symbols say so, before anything boots."""
+    line = refused(["run", "--cold", "--acpi", "on", "--", "true"], "random")
+    assert "--acpi on" in line and "no ACPI support" in line and "vmlinux" in line, line

@@ -291,3 +291,57 @@ def test_longmode_sets_mxcsr_and_pvm_gets_its_instructions_finished_by_vmm(kvm):
         assert result.stats.by_reason["internal_error"] == 2  # each exit counted once
     else:
         assert completed == {}
+
+
+GRACEFUL = """
+import os, signal, sys, threading, time
+from vmm.builder import build_firmware_vm
+from vmm.config import VmConfig
+from vmm.outcome import StopReason
+from vmm.runner import GracefulStop, Runner, install_stop_signals
+
+scenario = sys.argv[1]
+runner = Runner()
+machine = build_firmware_vm(VmConfig(mem=2 << 20, firmware="exitbench"), lambda data: None,
+                            lambda status: runner.stop(status, StopReason.GUEST_EXIT),
+                            bench_count=0xFFFFFFFF)  # runs for hours unless stopped
+asked = []
+
+def ask():  # what the power button's press stands for: the guest powers off, or not
+    asked.append(time.monotonic())
+    if scenario == "obeys":
+        threading.Timer(0.3, runner.stop, (0, StopReason.GUEST_POWEROFF)).start()
+
+runner.graceful = GracefulStop(ask, timeout=1.0)
+install_stop_signals(runner)
+signals = {"obeys": [signal.SIGTERM], "ignores": [signal.SIGTERM],
+           "twice": [signal.SIGTERM, signal.SIGTERM], "sigint": [signal.SIGINT]}[scenario]
+
+def send():
+    for signum in signals:
+        time.sleep(0.2)
+        os.kill(os.getpid(), signum)
+
+threading.Thread(target=send).start()
+started = time.monotonic()
+outcome = runner.run(machine.vcpus, machine.pio, machine.mmio, timeout=30)
+machine.close()
+print(len(asked), outcome.status, outcome.reason, round(time.monotonic() - started), flush=True)
+print(outcome.detail)
+"""
+
+
+@pytest.mark.parametrize("scenario, expected", [
+    ("obeys", "1 0 guest powered off 1"),  # pressed once, powered off: status 0
+    ("ignores", "1 143 SIGTERM 1"),  # pressed, 1 s of grace, then stopped hard
+    ("twice", "1 143 SIGTERM 0"),  # a second SIGTERM does not wait for the grace
+    ("sigint", "0 130 SIGINT 0"),  # not among GracefulStop.signals: stopped at once
+])
+def test_sigterm_asks_a_graceful_guest_first(scenario, expected):
+    result = subprocess.run([sys.executable, "-c", GRACEFUL, scenario],
+                            capture_output=True, text=True, timeout=60)
+    lines = result.stdout.splitlines()
+    assert lines[:1] == [expected], result.stderr
+    if scenario == "ignores":
+        assert lines[1] == ("the guest did not power off within 1 s (--stop-timeout) "
+                            "of the power button")

@@ -65,7 +65,7 @@ def _cmdline(flavour, kernel=None) -> list[str]:
 
     from vmm.builder import linux_cmdline
 
-    machine = SimpleNamespace(flavour=flavour)
+    machine = SimpleNamespace(flavour=flavour, vm=SimpleNamespace(get_tsc_khz=lambda: 2_445_430))
     devices = SimpleNamespace(cmdline=lambda acpi: ["virtio_mmio.device=4K@0xd0000000:5"])
     config = VmConfig(kernel=kernel, command=("true",))
     return str(linux_cmdline(config, machine, devices, 4096, mailbox=False)).split()
@@ -79,7 +79,7 @@ def test_no_pvm_option_reaches_a_non_pvm_command_line(flavour, kernel):
 
     options = _cmdline(Flavour(flavour), kernel)
     names = {option.split("=", 1)[0] for option in options}
-    for option in pvm.PVM_CMDLINE:
+    for option in (*pvm.PVM_CMDLINE, *pvm.PVM_OUR_KERNEL_OPTIONS, *pvm.PVM_FOREIGN_KERNEL_OPTIONS):
         assert option.split("=", 1)[0] not in names, option
     assert "hypervisor" not in " ".join(options)
     ours = kernel is None
@@ -97,3 +97,41 @@ def test_pvm_command_line_has_the_workarounds_and_keeps_the_patches_on():
     options = _cmdline(Flavour.PVM)
     assert all(option in options for option in pvm.PVM_CMDLINE)
     assert not any(option.startswith("pvm_") for option in options)  # patches default on
+
+
+def test_on_pvm_our_kernel_and_a_distributions_get_their_own_options():
+    """Ours: no ASLR, patch 0007's option. A distribution's keeps ASLR and goes on the
+    command-line diet (mitigations off in the emulated kernel, no ftrace scans)."""
+    from vmm.arch.x86_64 import pvm
+    from vmm.kvm.flavour import Flavour
+
+    ours, theirs = _cmdline(Flavour.PVM), _cmdline(Flavour.PVM, "/boot/vmlinuz-other")
+    assert {"norandmaps", "fault_around_bytes=4096"} <= set(ours)
+    assert not {"norandmaps", "fault_around_bytes=4096"} & set(theirs)
+    assert set(pvm.PVM_FOREIGN_KERNEL_OPTIONS) <= set(theirs)
+    assert not set(pvm.PVM_FOREIGN_KERNEL_OPTIONS) & set(ours)
+    assert "noxsave" not in ours + theirs  # Linux 6.1 knows it no more
+    # The TSC's frequency from KVM (no PIT calibration, which fails in the emulator).
+    assert "tsc_early_khz=2445430" in ours and "tsc_early_khz=2445430" in theirs
+    assert not any(o.startswith("tsc_early_khz") for o in _cmdline(Flavour.AMD))
+
+
+@pytest.mark.boot
+def test_on_pvm_the_guest_kernel_sees_none_of_the_hidden_features():
+    """clearcpuid= names xsave, and the kernel clears what depends on it (avx*, pku, xsave*):
+    the list stays short enough for the kernel's 128-byte buffer and still hides them all."""
+    import subprocess
+    import sys
+
+    from vmm.kvm.flavour import Flavour, detect_flavour
+
+    if detect_flavour() is not Flavour.PVM:
+        pytest.skip("the features are hidden on PVM only")
+    result = subprocess.run([sys.executable, "-m", "vmm", "run", "--", "grep", "-m1", "flags",
+                             "/proc/cpuinfo"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    flags = set(result.stdout.split(":", 1)[1].split())
+    assert "fpu" in flags and "sse2" in flags
+    gone = {"xsave", "xsaveopt", "xsavec", "xsaves", "avx", "avx2", "avx512f", "pku", "ospke",
+            "ssse3", "sse4_1", "sse4_2", "aes", "pclmulqdq", "sha_ni", "erms", "fsrm", "popcnt"}
+    assert not flags & gone, flags & gone

@@ -151,3 +151,9 @@ def test_an_unmapped_or_page_crossing_operand_is_left_as_a_failure(memory):
     code = emulation_failure(bytes.fromhex("0f ae 54 24 04"))
     assert quirks.handle_internal_error(LongModeVcpu(0x1000, rsp=0x7FFF_F000_0000), code) is None
     assert quirks.handle_internal_error(LongModeVcpu(0x1000, rsp=0x30_0FFA), code) is None  # 0x300ffe
+
+
+def test_the_hidden_features_fit_the_kernels_clearcpuid_buffer():
+    from vmm.arch.x86_64.pvm import CLEARCPUID_LIMIT, PVM_HIDDEN_FEATURES
+
+    assert len(",".join(PVM_HIDDEN_FEATURES)) <= CLEARCPUID_LIMIT  # else truncated silently

@@ -122,7 +122,6 @@ BASE_CMDLINE = (
     "reboot=k",  # reboot through the i8042 (we end the VM on its reset command)
     "panic=-1",  # reboot at once on panic instead of hanging
     "pci=off",  # there is no PCI bus: skip probing it
-    "nomodule",  # everything is built in
     "i8042.noaux", "i8042.nomux", "i8042.nopnp", "i8042.dumbkbd",  # no mouse, no PnP scan
     "tsc=reliable",  # skip the TSC stability watchdog
     "8250.nr_uarts=1",  # one UART: do not probe COM2-4
@@ -132,6 +131,8 @@ BASE_CMDLINE = (
     "noreplace-smp",
 )
 QUIET_CMDLINE = ("quiet", "loglevel=1")  # only emergencies (a panic) besides the command
+# Our kernel has every driver built in; a distribution's loads virtio_mmio as a module.
+OUR_KERNEL_CMDLINE = ("nomodule",)
 # With our initramfs: unpack it into ramfs, not tmpfs. ramfs pages are
 # unevictable, so when a process exits the kernel skips the LRU bookkeeping for
 # every page it had mapped from there (folio_activate: a third of a busybox exit
@@ -215,16 +216,38 @@ def resolve_initrd(config: VmConfig, progress: Callable[[str], None]) -> Path | 
     return default_initramfs(progress)
 
 
-def _decompressed(kernel: Path, initrd: Path | None, progress) -> tuple[Path, Path | None]:
-    """A bzImage's vmlinux and a compressed initrd's plain cpio, decompressed on the host
-    (vmm/loader/decompress.py), each cached by content; files that need none as they are."""
-    from vmm.loader.decompress import plain_initrd, vmlinux_of
+def _decompressed_kernel(kernel: Path, progress) -> Path:
+    """A bzImage's vmlinux, decompressed on the host (vmm/loader/decompress.py) and cached
+    by content; any other kernel as it is. (A compressed initrd: plain_initrd.)"""
+    from vmm.loader.decompress import vmlinux_of
 
     with open(kernel, "rb") as f:
         header = f.read(0x206)
     if header[0x202:0x206] == b"HdrS":
         kernel = vmlinux_of(kernel, progress) or kernel
-    return kernel, plain_initrd(initrd, progress) if initrd is not None else None
+    return kernel
+
+
+def _is_stub_map(path: Path) -> bool:
+    """Debian's /boot/System.map holds one line: "ffffffffffffffff B The real System.map
+    is in the linux-image-<version>-dbg package". No function: the kernel's own
+    kallsyms tables are the symbols then."""
+    with open(path, errors="replace") as f:
+        for line, _ in zip(f, range(1000)):
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] in "tT":
+                return False
+    return True
+
+
+def _has_symbol(system_map: Path, name: str) -> bool:
+    with open(system_map, errors="replace") as f:
+        return any(line.rstrip().endswith(f" {name}") for line in f)
+
+
+def _is_elf(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"\x7fELF"
 
 
 def build_linux_vm(
@@ -246,9 +269,22 @@ def build_linux_vm(
     # 0. The guest's files, checked and read before KVM is touched.
     check_guest_files(config, disks=False)  # the devices open the disks (step 4)
     kernel_path, system_map = resolve_kernel(config, progress)
-    initrd_path = resolve_initrd(config, progress)
     if config.decompress:
-        kernel_path, initrd_path = _decompressed(kernel_path, initrd_path, progress)
+        kernel_path = _decompressed_kernel(kernel_path, progress)
+    if (system_map is None or _is_stub_map(system_map)) and _is_elf(kernel_path):
+        from vmm.loader.kallsyms import system_map_for  # a distribution's stripped kernel
+
+        system_map = system_map_for(kernel_path)
+    if config.acpi_enabled and system_map is not None and not _has_symbol(system_map, "acpi_os_initialize"):
+        from vmm.errors import LoaderError
+
+        raise LoaderError(f"{kernel_path}: --acpi on, but this kernel has no ACPI support "
+                          "(no acpi_os_initialize among its symbols: CONFIG_ACPI is off)")
+    initrd_path = resolve_initrd(config, progress)
+    if config.decompress and initrd_path is not None:
+        from vmm.loader.decompress import plain_initrd
+
+        initrd_path = plain_initrd(initrd_path, progress)
     kernel = _read_image(kernel_path, "kernel", mapped=True)
     initrd = _read_image(initrd_path, "initrd") if initrd_path else None
 
@@ -331,20 +367,59 @@ def linux_cmdline(config: VmConfig, machine: Machine, devices: DeviceManager, li
 
     cmdline = Cmdline(limit)
     cmdline.add(*BASE_CMDLINE)
-    if config.initrd is None:
+    if config.kernel is None:
+        cmdline.add(*OUR_KERNEL_CMDLINE)
+    if config.init_is_ours:
         cmdline.add(*DEFAULT_INITRAMFS_CMDLINE)
-    if not config.console_log:
-        cmdline.add(*QUIET_CMDLINE)
+        if not config.console_log:  # (the guest's own init: its console is the machine's)
+            cmdline.add(*QUIET_CMDLINE)
     cmdline.add(*devices.cmdline(config.acpi_enabled))
     segmentation = any(net.offload and net.backend == "tap" for net in config.nets)
     cmdline.add(*pvm.cmdline_options(machine.flavour, our_kernel=config.kernel is None,
-                                     segmentation_offload=segmentation))
+                                     segmentation_offload=segmentation,
+                                     tsc_khz=_vm_tsc_khz(machine)))
     cmdline.add(config.cmdline)
     if mailbox:
         cmdline.add("vmm.mailbox")  # /init waits at its ready point for the command
     elif config.command:
         cmdline.add(encode_argv(config.command))
     return cmdline
+
+
+def _finish_syscalls_on_pvm(machine: Machine, loaded, name: str, system_map: Path | None) -> None:
+    """A kernel not ours on PVM: its user programs' system calls arrive as page faults
+    (vmm/arch/x86_64/pvm_syscall.py); put our guest patch's fix into its memory."""
+    from vmm.kvm.flavour import Flavour
+
+    if machine.flavour is not Flavour.PVM:
+        return
+    from vmm.arch.x86_64 import pvm_syscall
+
+    why = None
+    if not loaded.segments:
+        why = "a bzImage decompresses itself in the guest (boot its vmlinux, the default)"
+    elif system_map is None:
+        why = "no symbols found in it"
+    else:
+        try:
+            pvm_syscall.install(machine.memory, loaded.segments, system_map)
+        except pvm_syscall.NotApplicable as e:
+            why = str(e)
+    if why is not None:
+        import sys
+
+        print(f"vmm: warning: {name}: its user programs' system calls will fault on PVM "
+              f"(vmm/arch/x86_64/pvm_syscall.py): {why}", file=sys.stderr)
+
+
+def _vm_tsc_khz(machine: Machine) -> int | None:
+    """The vCPUs' TSC frequency, or None where KVM answers only per vCPU (before 5.17)."""
+    from vmm.errors import KvmError
+
+    try:
+        return machine.vm.get_tsc_khz() or None
+    except KvmError:
+        return None
 
 
 def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_path: Path,
@@ -359,6 +434,8 @@ def _load_and_wire(machine: Machine, config: VmConfig, kernel: bytes, kernel_pat
     # 3. The kernel, the initrd.
     name = str(kernel_path)
     loaded = linux.load_kernel(memory, kernel, name)
+    if config.kernel is not None:
+        _finish_syscalls_on_pvm(machine, loaded, name, system_map)
     initrd_place = None
     if initrd is not None:
         initrd_place = linux.place_initrd(memory, initrd, loaded.end, loaded.initrd_max_address,

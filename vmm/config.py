@@ -17,6 +17,12 @@ from vmm.errors import UsageError
 _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": MiB, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
 
+# How long SIGTERM's power button has before vmm stops a machine hard (--stop-timeout).
+# Debian 12 with systemd on PVM, its guest kernel emulated: about 20 s from the press to
+# power-off (docs/distro.md); 60 s leaves room for a unit that takes its time, and stays
+# under what `docker stop -t` and systemd (90 s per unit) grant before they kill.
+DEFAULT_STOP_TIMEOUT = 60.0
+
 MAX_MEM = 64 * GiB  # far beyond what a test VM needs; guards typos like 512G
 MIN_MEM = 1 * MiB
 
@@ -246,10 +252,22 @@ class VmConfig:
     # A bzImage's payload and a compressed initrd decompressed on the host (vmm/loader/
     # decompress.py): the guest's own decompressor runs emulated on PVM. False: as they are.
     decompress: bool = True
+    # A guest whose own init runs (init_is_ours False) is a machine: a reboot restarts it
+    # (False: vmm exits 0 instead), and SIGTERM presses its power button, then stops it
+    # hard if it has not powered off within stop_timeout seconds.
+    reboot: bool = True
+    stop_timeout: float = DEFAULT_STOP_TIMEOUT
 
     @property
     def notify_paths(self) -> tuple[NotifyPath, ...]:
         return parse_notify_paths(self.virtio_notify)
+
+    @property
+    def init_is_ours(self) -> bool:
+        """vmm's /init (our initramfs) runs the command. With --initrd the guest's own init
+        runs (a distribution's initramfs, or with --initrd none the root's /sbin/init):
+        the VM is a machine that boots, runs and powers off by itself."""
+        return self.initrd is None
 
     @property
     def acpi_enabled(self) -> bool:
@@ -261,6 +279,12 @@ class VmConfig:
         if self.runloop not in ("c", "python"):
             raise UsageError(f"--runloop {self.runloop!r}: 'c' or 'python'")
         parse_notify_paths(self.virtio_notify)
+        if self.command and not self.init_is_ours:
+            raise UsageError("-- COMMAND is run by vmm's /init, and --initrd replaces it: the "
+                             "guest's own init runs (leave out the command: the console is the "
+                             "machine's terminal)")
+        if self.stop_timeout < 0:
+            raise UsageError(f"--stop-timeout {self.stop_timeout:g}: must not be negative")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout}: must be positive")
         if self.firmware is not None and (self.kernel or self.command or self.disks or self.nets):

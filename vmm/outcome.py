@@ -22,6 +22,7 @@ class StopReason(StrEnum):
     GUEST_PANIC = "guest kernel panic"
     GUEST_RESET = "guest reset"  # rebooted without a status
     GUEST_POWEROFF = "guest powered off"  # ACPI S5: the sleep control register
+    GUEST_REBOOT = "guest rebooted"  # a guest whose own init runs: restarted unless --no-reboot
     HALTED = "halted"  # HLT with nothing to wake it (no irqchip)
     TRIPLE_FAULT = "triple fault"
     SYSTEM_EVENT = "system event"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, TextIO
 
 from vmm.devices.bus import Bus, ReadAction, WriteAction
@@ -42,6 +43,17 @@ from vmm.stats import ExitStats
 # The signal that kicks a vCPU thread out of KVM_RUN. Its handler does nothing:
 # the point is only that the ioctl returns EINTR.
 KICK_SIGNAL = signal.SIGUSR1
+
+
+@dataclass(frozen=True)
+class GracefulStop:
+    """How a signal asks the guest to stop itself: ``ask`` (press the power button),
+    then ``timeout`` seconds for it to power off before the VM is stopped hard."""
+
+    ask: Callable[[], None]
+    timeout: float
+    signals: frozenset = frozenset({StopReason.SIGTERM})  # which signals ask; others stop
+    what: str = "the power button"
 
 
 class Runner:
@@ -62,6 +74,11 @@ class Runner:
         self.on_debug = None  # KVM_EXIT_DEBUG handler (vmm/gdb/stub.py), given to the dispatcher
         self._stop_lock = threading.Lock()
         self._signalled: tuple[int, StopReason] | None = None  # stop_from_signal's, for run()
+        # A machine that shuts itself down (a distribution under ACPI): the first signal
+        # asks it to (the power button), the VM is stopped hard only after the grace time
+        # or at a second signal.
+        self.graceful: GracefulStop | None = None
+        self._asked: tuple[int, StopReason] | None = None  # the signal that asked
         # Pausing: vCPU threads park on this condition (an RLock inside: a
         # signal handler calling stop() may run while the main thread holds it).
         self._cond = threading.Condition()
@@ -87,6 +104,10 @@ class Runner:
         while it holds ``_stop_lock`` or the pause condition: waiting on either would hang
         vmm). The flag and the kicks are enough: run() turns the flag into stop() within
         its 50 ms tick, and the kicked vCPUs see ``stopping``."""
+        if self.graceful is not None and reason in self.graceful.signals \
+                and self._asked is None and self.outcome is None:
+            self._asked = (status, reason)  # run() presses the button (no device work here)
+            return
         if self._signalled is None:
             self._signalled = (status, reason)
         for vcpu in self.vcpus:
@@ -192,11 +213,14 @@ class Runner:
             self._threads.append(thread)
             thread.start()
         deadline = None if timeout is None else time.monotonic() + timeout
+        grace_ends = None  # once the guest was asked to shut down
         try:
             with self._cond:
                 while alive := sum(t.is_alive() for t in self._threads):
                     if self._signalled is not None and self.outcome is None:
                         self.stop(*self._signalled)
+                    if self._asked is not None and self.graceful is not None:
+                        grace_ends = self._ask_or_give_up(self.graceful, self._asked, grace_ends)
                     if deadline is not None and time.monotonic() >= deadline:
                         self.stop(EXIT_TIMEOUT, StopReason.TIMEOUT, f"the guest ran longer than {timeout:g} s")
                         deadline = None
@@ -209,6 +233,18 @@ class Runner:
         if self._errors:
             raise self._errors[0]
         return self.outcome or Outcome(EXIT_NO_STATUS, StopReason.ALL_STOPPED)
+
+    def _ask_or_give_up(self, graceful: GracefulStop, asked: tuple[int, StopReason],
+                        grace_ends: float | None) -> float | None:
+        """The guest asked (once) to shut down; stopped with the signal's status if it
+        has not powered off when the grace time ends. Returns when that is."""
+        if grace_ends is None:
+            graceful.ask()
+            return time.monotonic() + graceful.timeout
+        if time.monotonic() >= grace_ends and self.outcome is None:
+            self.stop(*asked, f"the guest did not power off within {graceful.timeout:g} s "
+                      f"(--stop-timeout) of {graceful.what}")
+        return grace_ends
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         try:
@@ -352,4 +388,4 @@ def install_stop_signals(runner: Runner) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-__all__ = ["Runner", "install_stop_signals"]
+__all__ = ["GracefulStop", "Runner", "install_stop_signals"]

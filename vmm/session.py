@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, BinaryIO, TextIO
 from vmm.config import VmConfig
 from vmm.console import ConsoleOutput
 from vmm.outcome import EXIT_GUEST_PANIC, EXIT_NO_STATUS, EXIT_VMM_ERROR, Outcome, StopReason
-from vmm.runner import Runner, install_stop_signals
+from vmm.runner import GracefulStop, Runner, install_stop_signals
 from vmm.stats import ExitStats
 
 if TYPE_CHECKING:
@@ -194,19 +194,27 @@ def run_linux(
     start: ColdBoot | SaveAtReady | FromSnapshot = ColdBoot(),
     gdb: tuple[str, int] | None = None,  # --gdb: serve GDB there, the VM stopped at its start
 ) -> RunResult:
-    """Boot Linux (or restore it), run the command (or a shell), return the guest's exit status."""
-    run = LinuxRun(config, start, stdout=stdout, stderr=stderr or sys.stderr, recorder=recorder,
-                   profile=profile, initcalls=initcalls, gdb=gdb)
-    run.build()
-    try:
-        if on_built is not None:
-            on_built(run.machine)
-        if handle_signals:
-            install_stop_signals(run.runner)
-        outcome = run.execute(stdin)
-        return run.finish(outcome)
-    finally:
-        run.machine.close()
+    """Boot Linux (or restore it), run the command (or a shell), return the guest's exit status.
+
+    A guest whose own init runs is a machine: when it reboots, it boots again (a
+    fresh VM, as a PC resets), unless ``config.reboot`` is False.
+    """
+    while True:
+        run = LinuxRun(config, start, stdout=stdout, stderr=stderr or sys.stderr,
+                       recorder=recorder, profile=profile, initcalls=initcalls, gdb=gdb)
+        run.build()
+        try:
+            if on_built is not None:
+                on_built(run.machine)
+            if handle_signals:
+                install_stop_signals(run.runner)
+            outcome = run.execute(stdin)
+            result = run.finish(outcome)
+        finally:
+            run.machine.close()
+        if outcome.reason is not StopReason.GUEST_REBOOT or not config.reboot:
+            return result
+        run.progress("the guest rebooted: booting it again (--no-reboot: exit instead)")
 
 
 class LinuxRun:
@@ -276,6 +284,8 @@ class LinuxRun:
     def on_reset(self) -> None:
         if self.panic.panicked:
             self.runner.stop(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, self.panic.message)
+        elif not self.config.init_is_ours:  # a machine: reboot is one of its fates
+            self.runner.stop(0, StopReason.GUEST_REBOOT)
         else:
             self.runner.stop(EXIT_NO_STATUS, StopReason.GUEST_RESET,
                              "the guest rebooted without reporting a status")
@@ -334,6 +344,7 @@ class LinuxRun:
         """
         if isinstance(self.start, FromSnapshot):
             self.deliver(list(self.start.snapshot.meta.mailbox))
+        self.runner.graceful = self.graceful_stop(stdin)
         if self.profile is not None:
             from vmm.profiler import Profiler
 
@@ -350,6 +361,19 @@ class LinuxRun:
         if outcome.reason in (StopReason.TRIPLE_FAULT, StopReason.GUEST_RESET) and self.panic.panicked:
             outcome = Outcome(EXIT_GUEST_PANIC, StopReason.GUEST_PANIC, self.panic.message)
         return outcome
+
+    def graceful_stop(self, stdin) -> GracefulStop | None:
+        """A machine (the guest's own init) with an ACPI power button: SIGTERM presses
+        it, and SIGINT too when no terminal sends it (with one, Ctrl-C is the guest's).
+        vmm's /init has nothing to shut down: a signal stops it at once."""
+        power = self.guest.devices.get("power")
+        if self.config.init_is_ours or power is None:
+            return None
+        signals = {StopReason.SIGTERM}
+        if not _is_terminal(stdin if stdin is not None else sys.stdin):
+            signals.add(StopReason.SIGINT)
+        return GracefulStop(power.press_button, self.config.stop_timeout,
+                            frozenset(signals))
 
     # --- finish ------------------------------------------------------------------------------
     def finish(self, outcome: Outcome) -> RunResult:
@@ -457,6 +481,13 @@ def warm_snapshot(config: VmConfig, progress) -> tuple[Path | None, str | None]:
         host = HostIdentity.of(kvm, detect_flavour())
     key = cache.cache_key(config, kernel, initrd, host)
     return cache.lookup(key), key
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _progress(stderr: TextIO, line: str) -> None:

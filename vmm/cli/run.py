@@ -47,6 +47,13 @@ MACHINE_OPTIONS = [
     click.option("--acpi", type=click.Choice(["on", "off"]), default=None,
                  help="ACPI tables for the guest [default: on for a --kernel not ours, which "
                       "finds its virtio devices only through them; off for ours]."),
+    click.option("--no-reboot", is_flag=True,
+                 help="With the guest's own init (--initrd): a reboot ends vmm with status 0 "
+                      "instead of restarting the VM."),
+    click.option("--stop-timeout", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+                 help="With the guest's own init: SIGTERM presses the ACPI power button and "
+                      "waits this long for the power-off before stopping the VM (status 143) "
+                      "[default: 60]."),
     click.option("--decompress/--no-decompress", default=True,
                  help="Decompress a bzImage's kernel and a compressed initrd on the host (the "
                       "guest's own decompressor is emulated on PVM) [default: on]."),
@@ -62,12 +69,16 @@ def machine_options(function):
 def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=None, cpus=None,
                  disks=(), nets=(), root=None, virtio_notify="ioeventfd", runloop="c", trace=False,
                  stats=False, timeout=None, console_log=False, command=(), acpi=None,
-                 decompress=True):
+                 decompress=True, no_reboot=False, stop_timeout=None):
     """The VmConfig the options describe (validated: bad input raises UsageError)."""
-    from vmm.config import DiskConfig, NetConfig, VmConfig, parse_size
+    from vmm.config import DEFAULT_STOP_TIMEOUT, DiskConfig, NetConfig, VmConfig, parse_size
+    from vmm.errors import UsageError
 
     mem_bytes = parse_size(mem) if mem else (2 << 20 if firmware else VmConfig.mem)
     disk_configs = tuple(DiskConfig.parse(d) for d in disks)
+    if root and initrd is not None:
+        raise UsageError(f"--root {root}: vmm's /init mounts it, and --initrd replaces that init "
+                         "(the kernel mounts the root the command line names: root=DEV)")
     if root:
         cmdline = f"{cmdline} vmm.root={root}".strip()
         if _root_disk_is_read_only(root, disk_configs):
@@ -78,7 +89,8 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
         nets=tuple(n for n in (NetConfig.parse(text) for text in nets) if n is not None),
         virtio_notify=virtio_notify, runloop=runloop, trace=trace, stats=stats, timeout=timeout,
         console_log=console_log, interactive=not command and sys.stdin.isatty(),
-        acpi=_acpi_for(acpi, kernel), decompress=decompress,
+        acpi=_acpi_for(acpi, kernel), decompress=decompress, reboot=not no_reboot,
+        stop_timeout=DEFAULT_STOP_TIMEOUT if stop_timeout is None else stop_timeout,
     )
 
 
@@ -122,7 +134,7 @@ def _acpi_for(choice: str | None, kernel: str | None) -> bool | None:
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify, runloop, trace,
-        stats, timeout, console_log, acpi, decompress, restore, cold, profile, profile_out, symbols,
+        stats, timeout, console_log, acpi, no_reboot, stop_timeout, decompress, restore, cold, profile, profile_out, symbols,
         initcalls,
         gdb, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status.
@@ -166,7 +178,7 @@ def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, 
         firmware=firmware, kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
         disks=disks, nets=nets, root=root, virtio_notify=virtio_notify, runloop=runloop, trace=trace,
         stats=stats, timeout=timeout, console_log=console_log, command=command, acpi=acpi,
-        decompress=decompress)
+        decompress=decompress, no_reboot=no_reboot, stop_timeout=stop_timeout)
     recorder = None
     if boot_timer or metrics:
         from vmm.bench.phases import PhaseRecorder

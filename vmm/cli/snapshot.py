@@ -18,7 +18,8 @@ def snapshot() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @machine_options
 def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify,
-           runloop, trace, stats, timeout, console_log, acpi, decompress) -> None:
+           runloop, trace, stats, timeout, console_log, acpi, no_reboot, stop_timeout,
+           decompress) -> None:
     """Boot a guest to its ready point and save it in DIRECTORY (new or empty).
 
     The guest's /init waits there for a command: `vmm run --restore DIRECTORY
@@ -27,11 +28,14 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, vir
     import time
     from pathlib import Path
 
-    from vmm.errors import SnapshotError
+    from vmm.errors import SnapshotError, UsageError
     from vmm.outcome import StopReason
     from vmm.session import SaveAtReady, run_linux
     from vmm.snapshot.save import check_target
 
+    if initrd is not None:
+        raise UsageError(f"--initrd {initrd}: a snapshot is saved at the ready point of "
+                         "vmm's /init, which --initrd replaces")
     target = Path(directory)
     check_target(target)  # now, not after the boot
     if any(n != "none" for n in nets):

@@ -71,6 +71,11 @@ class Vm:
     def set_clock(self, clock: Any) -> None:
         ioctl(self.fd, "KVM_SET_CLOCK", clock)
 
+    def get_tsc_khz(self) -> int:
+        """KVM_GET_TSC_KHZ on the VM (Linux 5.17+; older ones answer it per vCPU only):
+        the TSC frequency vCPUs get, the host's unless scaled."""
+        return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+
     def irq_line(self, irq: int, level: int) -> None:
         line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level})
         ioctl(self.fd, "KVM_IRQ_LINE", line)

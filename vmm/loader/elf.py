@@ -39,6 +39,7 @@ class Segment:
     paddr: int
     data: bytes | memoryview
     memsz: int  # memsz > len(data): the rest is zero (.bss)
+    vaddr: int = 0  # where the kernel's own page tables map it (its symbols' addresses)
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,14 @@ def parse_elf(data: bytes, name: str = "kernel") -> ElfKernel:
     pvh_entry = None
     table = _slice(data, phoff, phnum * PROGRAM_HEADER.size, name, "program headers")
     for i in range(phnum):
-        kind, _flags, offset, _vaddr, paddr, filesz, memsz, _align = PROGRAM_HEADER.unpack_from(
+        kind, _flags, offset, vaddr, paddr, filesz, memsz, _align = PROGRAM_HEADER.unpack_from(
             table, i * PROGRAM_HEADER.size)
         if kind == PT_LOAD and memsz:
             if filesz > memsz:
                 raise LoaderError(f"{name}: malformed ELF: a segment's file size exceeds its memory size")
             _check_range(data, offset, filesz, name, "segment")
             # A view, not a copy: the loader copies it once, into guest RAM.
-            segments.append(Segment(paddr, memoryview(data)[offset : offset + filesz], memsz))
+            segments.append(Segment(paddr, memoryview(data)[offset : offset + filesz], memsz, vaddr))
         elif kind == PT_NOTE and pvh_entry is None:
             pvh_entry = _pvh_entry(_slice(data, offset, filesz, name, "note segment"))
     if not segments:

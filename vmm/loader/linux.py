@@ -55,6 +55,7 @@ class LoadedKernel:
     entry: int  # guest-physical address of the first instruction
     end: int  # first byte above the kernel's memory footprint
     bzimage: BzImage | None = None  # its setup header's values, for a bzImage
+    segments: tuple = ()  # an ELF's loaded segments (vmm/loader/elf.py Segment)
 
     @property
     def protocol(self) -> EntryProtocol:
@@ -94,8 +95,9 @@ def load_kernel(memory: GuestMemory, kernel: bytes, name: str) -> LoadedKernel:
             if segment.memsz > len(segment.data):  # .bss: RAM is zero already, but be explicit
                 memory.fill(segment.paddr + len(segment.data), segment.memsz - len(segment.data))
         if elf.pvh_entry is not None:
-            return LoadedKernel(KernelFormat.VMLINUX_PVH, elf.pvh_entry, elf.highest)
-        return LoadedKernel(KernelFormat.VMLINUX, elf.entry, elf.highest)
+            return LoadedKernel(KernelFormat.VMLINUX_PVH, elf.pvh_entry, elf.highest,
+                                segments=elf.segments)
+        return LoadedKernel(KernelFormat.VMLINUX, elf.entry, elf.highest, segments=elf.segments)
     # The bzImage and zero-page modules use construct (~25 ms to import): only
     # when a bzImage or a plain ELF is booted, not on the default PVH path.
     from vmm.loader.bzimage import is_bzimage, parse_bzimage

@@ -47,6 +47,8 @@ def warm_start_possible(config: VmConfig) -> str | None:
     """None if this run can use a cached snapshot; else why it boots cold."""
     if config.firmware:
         return "firmware payloads boot in microseconds"
+    if not config.init_is_ours:
+        return "the guest's own init runs (--initrd): there is no ready point to save at"
     writable = [d.path for d in config.disks if not d.read_only]
     if writable:
         return f"disk {writable[0]} is writable: its content changes with every run"

@@ -25,7 +25,6 @@ where vmm never loads this module's workarounds (builder: only when
    cannot run in guest kernel mode or a hang:
    * ``clearcpuid=hypervisor``: a guest that believes it runs on KVM makes
      hypercalls (kvmclock, ptp_kvm); ``vmcall`` hangs inside KVM on PVM;
-   * ``noxsave``: FPU set-up would use ``xsave``/``xrstor``, which fail;
    * ``clearcpuid=...`` for features the kernel patches in through
      alternatives and the emulator cannot run (see PVM_HIDDEN_FEATURES);
    and options that only save emulated work (PVM_COST_OPTIONS).
@@ -57,12 +56,15 @@ MXCSR_WRITABLE = 0xFFFF  # MXCSR_MASK of the CPUs PVM runs on (DAZ included): th
 # takes /proc/cpuinfo names on Linux 6.1+.
 PVM_HIDDEN_FEATURES = (
     "hypervisor",  # no KVM paravirt: vmcall hangs
-    "xsave", "xsaveopt", "xsavec", "xsaves",  # xsave*/xrstor* fail
-    "avx", "avx2", "avx512f",  # VEX-encoded instructions fail
+    # xsave*/xrstor* fail, and so do VEX-encoded (AVX) instructions. Clearing xsave
+    # clears what depends on it (arch/x86/kernel/cpu/cpuid-deps.c): xsaveopt, xsavec,
+    # xsaves, avx and so avx2, avx512*, pku; the guest's /proc/cpuinfo shows none of
+    # them (tests/test_platform.py boots to check).
+    "xsave",
     "popcnt",  # popcnt fails (hweight via alternatives)
     "rdpid", "rdtscp",  # rdpid → #UD, rdtscp fails
     "smap",  # stac/clac fail
-    "pku", "ospke",  # wrpkru/rdpkru fail
+    "ospke",  # wrpkru/rdpkru fail (pku goes with xsave)
     "invpcid",
     # (monitor/mwait fail too, but the kernel does not pick them for idle here
     # and "mwait" is no flag name: Linux 6.1 logged it as unknown, so it is gone.)
@@ -74,9 +76,18 @@ PVM_HIDDEN_FEATURES = (
     # Measured with `vmm run --profile` (docs/profiling.md): memcpy in the
     # initramfs unpack ~12x cheaper (264 samples of memcpy_erms against 22
     # of memcpy, normalised to the unchanged cpio header parsing).
-    # NB clearcpuid= is read into a 128-byte buffer: this list is 120 characters.
     "erms", "fsrm",
+    # SIMD in kernel mode: the emulator runs none of SSSE3's and later instructions.
+    # Debian's kernel stopped at `movd %ecx,%xmm15` in blake2s_compress_ssse3 (the
+    # random pool, built in) while unpacking its initramfs; with them hidden, the
+    # kernel's crypto takes its generic C code and udev loads no SIMD module by CPU
+    # modalias (aesni_intel, crc32c_intel for ext4's checksums, ghash_clmulni...),
+    # whose self-tests would run the instructions at load. Guest user code runs
+    # natively and reads the real CPUID: glibc keeps its SSE4/AVX2 string functions.
+    "ssse3", "sse4_1", "sse4_2", "pclmulqdq", "aes", "sha_ni",
+    # NB clearcpuid= is read into a 128-byte buffer (CLEARCPUID_LIMIT).
 )
+CLEARCPUID_LIMIT = 127
 
 # Not needed for correctness, only cheaper when every kernel instruction is
 # emulated (each measured: `vmm run --boot-timer -- true`, interleaved runs).
@@ -91,7 +102,7 @@ PVM_COST_OPTIONS = (
     # emulated kernel code. `echo` run in a restored guest: 420 -> 380 ms. The
     # guest is one user's sandbox for one command; on hardware KVM, where the
     # randomness costs microseconds, the guest keeps its ASLR.
-    "norandmaps",
+    "norandmaps",  # (our kernel only: PVM_OUR_KERNEL_OPTIONS)
     # Map only the page a file fault asks for, not 16 around it (guest-kernel
     # patch 0007 makes this a boot option): each page mapped costs emulated
     # work twice, at the fault and at the process's exit, touched or not.
@@ -112,8 +123,49 @@ PVM_COST_OPTIONS = (
 # report: the time passed outside the guest.
 PVM_CLOCK_OPTIONS = ("rcupdate.rcu_cpu_stall_suppress=1",)
 
-PVM_CMDLINE = ("noxsave", "clearcpuid=" + ",".join(PVM_HIDDEN_FEATURES), *PVM_COST_OPTIONS,
+# Our kernel's sandbox for one command gives up ASLR and takes patch 0007's option; a
+# distribution's machine keeps its ASLR (its user code runs natively, where randomness
+# is the defence it is everywhere), and would pass the unknown option to its init.
+PVM_OUR_KERNEL_ONLY = ("norandmaps", "fault_around_bytes=4096")
+
+# (Linux 6.1 knows no `noxsave` any more: "Unknown kernel command line parameters
+# noxsave ..., will be passed to user space", ours and Debian's alike; clearcpuid=xsave
+# is what hides XSAVE.)
+PVM_CMDLINE = ("clearcpuid=" + ",".join(PVM_HIDDEN_FEATURES),
+               *(o for o in PVM_COST_OPTIONS if o not in PVM_OUR_KERNEL_ONLY),
                *PVM_CLOCK_OPTIONS)
+PVM_OUR_KERNEL_OPTIONS = tuple(o for o in PVM_COST_OPTIONS if o in PVM_OUR_KERNEL_ONLY)
+
+# A distribution's kernel (Debian 12's cloud kernel measured, vmm run --profile) on a
+# diet a command line can put it on, as ours went on one by Kconfig:
+PVM_FOREIGN_KERNEL_OPTIONS = (
+    # Guest kernel code never runs on the CPU under PVM: KVM's emulator executes every
+    # instruction of it (../shared/PLATFORM.md), so no speculative-execution gadget in
+    # it can run, and the mitigations only add emulated instructions (return thunks,
+    # buffer clears on every entry and exit: ~8 % of the boot's samples were
+    # srso_return_thunk/retbleed ones). Guest user code runs natively on a host kernel
+    # that keeps its own mitigations.
+    "mitigations=off",
+    # The soft-lockup watchdog fires every 28 s of a boot whose emulated initcalls
+    # hold a CPU for minutes, and prints stack traces (emulated too) about it.
+    "nowatchdog",
+    # Two initcalls that hand minutes of emulated work to a kernel thread, which then
+    # holds locks other initcalls wait for: ftrace_check_for_weak_functions queues a
+    # kallsyms lookup for each of the 37,697 ftrace records (ftrace_check_work_func ran
+    # over 5 minutes, holding ftrace_lock while init_kprobe_trace waited on it: hung-task
+    # warnings), trace_eval_init rewrites every trace event's format with enum values.
+    # Without them: no check that an ftrace record is not a discarded weak function's
+    # (only matters to a user of ftrace), and trace event formats show enum names.
+    # (Both are subsys_initcalls in 6.1; the boot's other trace set-up, ~30 s of it,
+    # trace_init() and ftrace_init() in start_kernel, no command line can skip.)
+    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init",
+    # The crypto API tests every algorithm when it registers (not in FIPS mode, where
+    # fips=1 keeps the tests). Emulated, a test can outlast the 60 s a user of the
+    # algorithm waits for it: "Loading compiled-in X.509 certificates", then 60 s
+    # later "Problem loading in-kernel X.509 certificate (-110)" (ETIMEDOUT, from
+    # crypto_larval_wait), Debian 12's kernel on AMD EPYC.
+    "cryptomgr.notests=1",
+)
 
 # Our guest kernel's PVM patches (guest-kernel/patches/0001, 0003) default to on
 # so that a plain `vmm run` works here; on any other KVM they are turned off
@@ -136,14 +188,25 @@ OUR_KERNEL_ELSEWHERE = ("pvm_syscall_fixup=0", "pvm_brk_populate=0")
 PVM_NET_OPTIONS = ("sysctl.net.ipv4.tcp_min_tso_segs=44",)
 
 
-def cmdline_options(flavour, our_kernel: bool, *, segmentation_offload: bool = False
-                    ) -> tuple[str, ...]:
+# The TSC's frequency, told on the command line: a guest that must not know it runs on
+# KVM (no kvmclock, no leaf 0x40000010) on an AMD host (Intel's leaves 0x15/0x16 say
+# it, vmm/arch/x86_64/cpuid.py) otherwise measures it against the PIT, which fails in
+# the emulator ("tsc: Unable to calibrate against PIT ... Marking TSC unstable"), and
+# then calibrates its delay loop against jiffies: Debian's 6.1 kernel spent over 10
+# minutes in calibrate_delay there (vmm run --profile) and never reached init; ours, 0.1 s.
+def tsc_option(tsc_khz: int | None) -> tuple[str, ...]:
+    return (f"tsc_early_khz={tsc_khz}",) if tsc_khz else ()
+
+
+def cmdline_options(flavour, our_kernel: bool, *, segmentation_offload: bool = False,
+                    tsc_khz: int | None = None) -> tuple[str, ...]:
     """The PVM-specific part of a Linux guest's command line for this KVM flavour;
-    ``segmentation_offload``: a NIC offers TSO."""
+    ``segmentation_offload``: a NIC offers TSO; ``tsc_khz``: KVM_GET_TSC_KHZ."""
     from vmm.kvm.flavour import Flavour
 
     if flavour is Flavour.PVM:
-        return PVM_CMDLINE + (PVM_NET_OPTIONS if segmentation_offload else ())
+        return (PVM_CMDLINE + (PVM_OUR_KERNEL_OPTIONS if our_kernel else PVM_FOREIGN_KERNEL_OPTIONS)
+                + tsc_option(tsc_khz) + (PVM_NET_OPTIONS if segmentation_offload else ()))
     return OUR_KERNEL_ELSEWHERE if our_kernel else ()
 
 
