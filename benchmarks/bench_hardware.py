@@ -16,6 +16,8 @@ restore      `vmm snapshot create`, then N x `vmm run --restore DIR -- true` (wa
 smp_clock    one cold boot with `--cpus 2 --cmdline apic=verbose`: `nproc`, the guest's
              clock sources and the kernel log lines about TSC, kvmclock and the LAPIC timer
              (with apic=verbose, a guest that calibrates its LAPIC timer says so)
+distro       (--distro) Debian 12's own kernel, initramfs and systemd to a root shell,
+             phase by phase, and SIGTERM to power-off (benchmarks/bench_distro.py)
 
 and prints one JSON report (also to --out). On hardware KVM the figures to look
 at are cold_boot.guest_boot_time_us (target: <= 60 ms), smp_clock.lapic_calibrated
@@ -150,10 +152,28 @@ def smp_clock() -> dict:
     }
 
 
+def distro() -> dict:
+    """Debian's own kernel, initramfs and systemd to a root shell: each phase (bench_distro.py)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_distro
+    from vmm.images.debian import AUTOLOGIN, debian_disk, debian_system
+
+    system = debian_system(lambda line: print(f"[bench_hardware] {line}", file=sys.stderr))
+    with tempfile.TemporaryDirectory() as tmp:
+        disk = debian_disk(system, Path(tmp) / "root.img", 2 << 30, AUTOLOGIN)
+        result = bench_distro.boot("vmm", bench_distro.vmm_argv(system, disk),
+                                   bench_distro.stop_vmm, 3600)
+    result.pop("argv", None)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", metavar="FILE", help="also write the report here")
     parser.add_argument("--restores", type=int, default=3, help="restores to time (default 3)")
+    parser.add_argument("--distro", action="store_true",
+                        help="also boot Debian 12 as it ships to its shell (bench_distro.py, vmm "
+                             "only): seconds on hardware KVM (target <= 2 s), half an hour on PVM")
     args = parser.parse_args(argv)
     if args.out:
         try:
@@ -171,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     step(report, "cold_boot", cold_boot)
     step(report, "restore", restore, args.restores)
     step(report, "smp_clock", smp_clock)
+    if args.distro:
+        step(report, "distro", distro)
     text = json.dumps(report, indent=2, default=str)
     print(text)
     if args.out:

@@ -70,7 +70,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 # Cache entries that are builds (minutes to make, the same for every session): shared.
 # The rest (snapshots, container bases) is the session's own.
-SHARED_BUILDS = ("kernel", "busybox", "initramfs", "firmware")
+SHARED_BUILDS = ("kernel", "busybox", "initramfs", "firmware", "debian")
 
 
 @pytest.fixture(scope="session", autouse=True)

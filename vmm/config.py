@@ -18,9 +18,10 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": MiB, "K": KiB, "M": MiB, "G": GiB, "T": 1024 * GiB}
 
 # How long SIGTERM's power button has before vmm stops a machine hard (--stop-timeout).
-# Debian 12 with systemd on PVM, its guest kernel emulated: about 20 s from the press to
-# power-off (docs/distro.md); 60 s leaves room for a unit that takes its time, and stays
-# under what `docker stop -t` and systemd (90 s per unit) grant before they kill.
+# Debian 12's shutdown, `poweroff` to power-off, took 1.8 s under QEMU's TCG on our CI host
+# (benchmarks/bench_distro.py), about as long as on hardware KVM; systemd gives a unit 90 s
+# and `docker stop` 10 s before they kill. 60 s leaves a slow unit room and a user no long
+# wait. (On PVM a distribution's kernel runs ~200x slower than under TCG: docs/distro.md.)
 DEFAULT_STOP_TIMEOUT = 60.0
 
 MAX_MEM = 64 * GiB  # far beyond what a test VM needs; guards typos like 512G

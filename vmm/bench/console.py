@@ -21,7 +21,7 @@ ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 DEBIAN_MILESTONES = (
     ("kernel", b"Linux version "),  # the kernel's first line: decompressed, started
     ("initramfs", b"Run /init as init process"),  # the kernel's init done
-    ("systemd", b"Welcome to Debian"),  # switch_root done: systemd on the real root
+    ("systemd", b"Welcome to "),  # switch_root done: systemd on the real root (its name in colour)
     ("login", b"login:"),  # agetty on ttyS0 (with --autologin: the prompt follows)
 )
 

@@ -61,3 +61,28 @@ def firmware(name: str) -> None:
     if symbols.is_file():
         click.echo(f"symbols: {symbols}")
         click.echo(f"gdb:     add-symbol-file {symbols} -o {layout.RESET_CS_BASE:#x}")
+
+
+@image.command()
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--size", default="2G", show_default=True, help="Disk image size (e.g. 2G).")
+@click.option("--autologin", is_flag=True,
+              help="Log root in on the serial console without a password.")
+def debian(output: str, size: str, autologin: bool) -> None:
+    """A Debian 12 root disk with Debian's own kernel, initramfs and systemd.
+
+    Bootstrapped by mmdebstrap on first use (cached in ~/.cache/vmm/debian); prints
+    the kernel, the initramfs and the `vmm run` line that boots them (as root).
+    """
+    from pathlib import Path
+
+    from vmm.config import parse_size
+    from vmm.images.debian import AUTOLOGIN, boot_command, debian_disk, debian_system
+
+    system = debian_system(lambda line: click.echo(f"vmm: {line}", err=True))
+    disk = debian_disk(system, Path(output), parse_size(size, "--size"),
+                       AUTOLOGIN if autologin else None)
+    click.echo(f"root:    {disk} ({size}, ext4)")
+    click.echo(f"kernel:  {system.kernel}")
+    click.echo(f"initrd:  {system.initrd}")
+    click.echo(f"boot:    {boot_command(system, disk)}")

@@ -16,7 +16,8 @@ import click
 MACHINE_OPTIONS = [
     click.option("--kernel", metavar="PATH", help="bzImage or vmlinux (default: our guest kernel)."),
     click.option("--initrd", metavar="PATH|none",
-                 help="initramfs (default: ours; 'none' for no initrd)."),
+                 help="initramfs (default: ours; 'none' for no initrd). Its own /init "
+                      "runs: no -- COMMAND, the VM is a machine (see --stop-timeout)."),
     click.option("--cmdline", default="", metavar="ARGS", help="Extra kernel command-line arguments."),
     click.option("--mem", default=None, metavar="SIZE",
                  help="Guest RAM, e.g. 512M, 2G [default: 128M; 2M for firmware]."),
@@ -141,6 +142,10 @@ def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, 
 
     A Linux guest starts from a snapshot of itself when vmm has one (the first
     run of a guest boots it and saves one: ~/.cache/vmm/snapshots).
+
+    With --initrd the guest's own init runs (a distribution's initramfs): the VM
+    is a machine, with no command; its console is the terminal, and vmm exits
+    when it powers off (0). SIGTERM presses its ACPI power button.
     """
     from vmm.errors import UsageError
 
