@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from vmm.arch.x86_64 import layout
 from vmm.config import VmConfig
+from vmm.errors import UsageError
 from vmm.kvm.exits import IoExit, decode_exit
 from vmm.memory import GuestMemory
 
@@ -60,15 +63,23 @@ def test_i8042_is_two_windows_around_port_0x61():
 
 
 # --- only PVM gets PVM's options ----------------------------------------------------------
-def _cmdline(flavour, kernel=None) -> list[str]:
+def _machine(flavour):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(flavour=flavour, vm=SimpleNamespace(get_tsc_khz=lambda: 2_445_430))
+
+
+def linux_cmdline_for(config: VmConfig, machine):
     from types import SimpleNamespace
 
     from vmm.builder import linux_cmdline
 
-    machine = SimpleNamespace(flavour=flavour, vm=SimpleNamespace(get_tsc_khz=lambda: 2_445_430))
     devices = SimpleNamespace(cmdline=lambda acpi: ["virtio_mmio.device=4K@0xd0000000:5"])
-    config = VmConfig(kernel=kernel, command=("true",))
-    return str(linux_cmdline(config, machine, devices, 4096, mailbox=False)).split()
+    return linux_cmdline(config, machine, devices, 4096, mailbox=False)
+
+
+def _cmdline(flavour, kernel=None) -> list[str]:
+    return str(linux_cmdline_for(VmConfig(kernel=kernel, command=("true",)), _machine(flavour))).split()
 
 
 @pytest.mark.parametrize("flavour", ["intel", "amd", "unknown"])
@@ -135,3 +146,40 @@ def test_on_pvm_the_guest_kernel_sees_none_of_the_hidden_features():
     gone = {"xsave", "xsaveopt", "xsavec", "xsaves", "avx", "avx2", "avx512f", "pku", "ospke",
             "ssse3", "sse4_1", "sse4_2", "aes", "pclmulqdq", "sha_ni", "erms", "fsrm", "popcnt"}
     assert not flags & gone, flags & gone
+
+
+def test_pvm_time_scale_multiplies_the_tsc_frequency_the_guest_is_told():
+    from vmm.kvm.flavour import Flavour
+
+    machine = _machine(Flavour.PVM)
+    config = VmConfig(command=("true",), pvm_time_scale=4)
+    options = str(linux_cmdline_for(config, machine)).split()
+    assert "tsc_early_khz=9781720" in options  # 4 x 2,445,430
+    with pytest.raises(UsageError, match="only on PVM hosts"):
+        linux_cmdline_for(config, _machine(Flavour.AMD))
+    with pytest.raises(UsageError, match="1 to 16"):
+        VmConfig(pvm_time_scale=0)
+
+
+@pytest.mark.boot
+def test_a_guest_told_a_4x_tsc_lives_4x_slower():
+    """--pvm-time-scale 4: the guest's uptime when the command runs is a quarter of what
+    it would be (its clock runs slow; what the option trades for fewer ticks)."""
+    import subprocess
+    import sys
+
+    from vmm.kvm.flavour import Flavour, detect_flavour
+
+    if detect_flavour() is not Flavour.PVM:
+        pytest.skip("--pvm-time-scale is for PVM hosts")
+    uptimes = {}
+    for scale in ("1", "4"):
+        start = time.monotonic()
+        result = subprocess.run([sys.executable, "-m", "vmm", "run", "--cold", "--pvm-time-scale",
+                                 scale, "--", "cat", "/proc/uptime"],
+                                capture_output=True, text=True, timeout=300)
+        wall = time.monotonic() - start
+        assert result.returncode == 0, result.stderr
+        uptimes[scale] = float(result.stdout.split()[0]) / wall
+    assert uptimes["1"] > 0.6  # the guest's clock keeps up with the host's (boot to command)
+    assert uptimes["4"] < uptimes["1"] / 2.5, uptimes

@@ -23,7 +23,7 @@ from vmm.devices.model import DeviceKind, DeviceManager, Wiring
 from vmm.devices.serial import Serial16550
 from vmm.errors import LoaderError, UsageError, unreadable
 from vmm.kvm.capabilities import FIRMWARE, LINUX, require
-from vmm.kvm.flavour import detect_flavour
+from vmm.kvm.flavour import Flavour, detect_flavour
 from vmm.kvm.system import Kvm
 from vmm.loader.files import check_guest_files
 from vmm.machine import Machine
@@ -374,10 +374,16 @@ def linux_cmdline(config: VmConfig, machine: Machine, devices: DeviceManager, li
         if not config.console_log:  # (the guest's own init: its console is the machine's)
             cmdline.add(*QUIET_CMDLINE)
     cmdline.add(*devices.cmdline(config.acpi_enabled))
+    if config.pvm_time_scale != 1 and machine.flavour is not Flavour.PVM:
+        from vmm.errors import UsageError
+
+        raise UsageError(f"--pvm-time-scale {config.pvm_time_scale}: only on PVM hosts (this "
+                         f"KVM is {machine.flavour}, where the guest's timer tick is cheap)")
     segmentation = any(net.offload and net.backend == "tap" for net in config.nets)
     cmdline.add(*pvm.cmdline_options(machine.flavour, our_kernel=config.kernel is None,
                                      segmentation_offload=segmentation,
-                                     tsc_khz=_vm_tsc_khz(machine)))
+                                     tsc_khz=_vm_tsc_khz(machine),
+                                     time_scale=config.pvm_time_scale))
     cmdline.add(config.cmdline)
     if mailbox:
         cmdline.add("vmm.mailbox")  # /init waits at its ready point for the command
@@ -389,7 +395,6 @@ def linux_cmdline(config: VmConfig, machine: Machine, devices: DeviceManager, li
 def _finish_syscalls_on_pvm(machine: Machine, loaded, name: str, system_map: Path | None) -> None:
     """A kernel not ours on PVM: its user programs' system calls arrive as page faults
     (vmm/arch/x86_64/pvm_syscall.py); put our guest patch's fix into its memory."""
-    from vmm.kvm.flavour import Flavour
 
     if machine.flavour is not Flavour.PVM:
         return

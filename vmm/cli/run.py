@@ -55,6 +55,11 @@ MACHINE_OPTIONS = [
                  help="With the guest's own init: SIGTERM presses the ACPI power button and "
                       "waits this long for the power-off before stopping the VM (status 143) "
                       "[default: 60]."),
+    click.option("--pvm-time-scale", type=click.IntRange(1, 16), default=1, metavar="N",
+                 help="PVM only: tell the guest its TSC runs N times faster than it does, so its "
+                      "clocks run N times slower and its timer ticks N times less often (the "
+                      "tick is most of a distribution kernel's emulated boot; its date then "
+                      "falls behind) [default: 1]."),
     click.option("--decompress/--no-decompress", default=True,
                  help="Decompress a bzImage's kernel and a compressed initrd on the host (the "
                       "guest's own decompressor is emulated on PVM) [default: on]."),
@@ -70,7 +75,7 @@ def machine_options(function):
 def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=None, cpus=None,
                  disks=(), nets=(), root=None, virtio_notify="ioeventfd", runloop="c", trace=False,
                  stats=False, timeout=None, console_log=False, command=(), acpi=None,
-                 decompress=True, no_reboot=False, stop_timeout=None):
+                 decompress=True, no_reboot=False, stop_timeout=None, pvm_time_scale=1):
     """The VmConfig the options describe (validated: bad input raises UsageError)."""
     from vmm.config import DEFAULT_STOP_TIMEOUT, DiskConfig, NetConfig, VmConfig, parse_size
     from vmm.errors import UsageError
@@ -92,6 +97,7 @@ def build_config(*, firmware=None, kernel=None, initrd=None, cmdline="", mem=Non
         console_log=console_log, interactive=not command and sys.stdin.isatty(),
         acpi=_acpi_for(acpi, kernel), decompress=decompress, reboot=not no_reboot,
         stop_timeout=DEFAULT_STOP_TIMEOUT if stop_timeout is None else stop_timeout,
+        pvm_time_scale=pvm_time_scale,
     )
 
 
@@ -135,7 +141,8 @@ def _acpi_for(choice: str | None, kernel: str | None) -> bool | None:
               help="Write the phases, exit counts, memory and host facts as JSON (vmm/bench/phases.py).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify, runloop, trace,
-        stats, timeout, console_log, acpi, no_reboot, stop_timeout, decompress, restore, cold, profile, profile_out, symbols,
+        stats, timeout, console_log, acpi, no_reboot, stop_timeout, pvm_time_scale, decompress, restore, cold,
+        profile, profile_out, symbols,
         initcalls,
         gdb, boot_timer, metrics, command) -> None:
     """Boot a VM. With -- COMMAND..., run it in the guest and exit with its status.
@@ -183,7 +190,8 @@ def run(firmware, exits, kernel, initrd, cmdline, mem, cpus, disks, nets, root, 
         firmware=firmware, kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
         disks=disks, nets=nets, root=root, virtio_notify=virtio_notify, runloop=runloop, trace=trace,
         stats=stats, timeout=timeout, console_log=console_log, command=command, acpi=acpi,
-        decompress=decompress, no_reboot=no_reboot, stop_timeout=stop_timeout)
+        decompress=decompress, no_reboot=no_reboot, stop_timeout=stop_timeout,
+        pvm_time_scale=pvm_time_scale)
     recorder = None
     if boot_timer or metrics:
         from vmm.bench.phases import PhaseRecorder

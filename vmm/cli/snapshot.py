@@ -19,7 +19,7 @@ def snapshot() -> None:
 @machine_options
 def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, virtio_notify,
            runloop, trace, stats, timeout, console_log, acpi, no_reboot, stop_timeout,
-           decompress) -> None:
+           pvm_time_scale, decompress) -> None:
     """Boot a guest to its ready point and save it in DIRECTORY (new or empty).
 
     The guest's /init waits there for a command: `vmm run --restore DIRECTORY
@@ -44,7 +44,7 @@ def create(directory, kernel, initrd, cmdline, mem, cpus, disks, nets, root, vir
     config = build_config(kernel=kernel, initrd=initrd, cmdline=cmdline, mem=mem, cpus=cpus,
                           disks=disks, root=root, virtio_notify=virtio_notify, runloop=runloop,
                           trace=trace, stats=stats, timeout=timeout, console_log=console_log,
-                          acpi=acpi, decompress=decompress)
+                          acpi=acpi, decompress=decompress, pvm_time_scale=pvm_time_scale)
     from vmm.loader.files import check_guest_files
 
     check_guest_files(config)  # as `vmm run` checks them

@@ -91,6 +91,7 @@ def cache_key(config: VmConfig, kernel: Path, initrd: Path | None, host) -> str:
         "console_log": config.console_log,
         "virtio_notify": config.virtio_notify,
         "decompress": config.decompress,
+        "pvm_time_scale": config.pvm_time_scale,  # a command-line option vmm adds
         # Every device as the guest sees it (the table a snapshot keeps: ids, resources, a
         # NIC's MAC, MTU and features...); not the host's side, which each run makes anew:
         # a TAP device's name, passt's forwards. Then the disks' files, by identity.
