@@ -26,6 +26,7 @@ from vmm.kvm.capabilities import FIRMWARE, LINUX, require
 from vmm.kvm.flavour import Flavour, detect_flavour
 from vmm.kvm.system import Kvm
 from vmm.loader.files import check_guest_files
+from vmm.loader.symbols import addresses_of
 from vmm.machine import Machine
 from vmm.memory import GuestMemory
 
@@ -240,14 +241,11 @@ def _is_stub_map(path: Path) -> bool:
     return True
 
 
-def _has_symbol(system_map: Path, name: str) -> bool:
-    with open(system_map, errors="replace") as f:
-        return any(line.rstrip().endswith(f" {name}") for line in f)
-
-
 def _is_elf(path: Path) -> bool:
+    from vmm.loader.elf import is_elf
+
     with open(path, "rb") as f:
-        return f.read(4) == b"\x7fELF"
+        return is_elf(f.read(4))
 
 
 def build_linux_vm(
@@ -275,9 +273,8 @@ def build_linux_vm(
         from vmm.loader.kallsyms import system_map_for  # a distribution's stripped kernel
 
         system_map = system_map_for(kernel_path)
-    if config.acpi_enabled and system_map is not None and not _has_symbol(system_map, "acpi_os_initialize"):
-        from vmm.errors import LoaderError
-
+    if config.acpi_enabled and system_map is not None \
+            and not addresses_of(system_map, ["acpi_os_initialize"]):
         raise LoaderError(f"{kernel_path}: --acpi on, but this kernel has no ACPI support "
                           "(no acpi_os_initialize among its symbols: CONFIG_ACPI is off)")
     initrd_path = resolve_initrd(config, progress)

@@ -46,3 +46,20 @@ class SymbolTable:
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def addresses_of(system_map: str | Path, names) -> dict[str, int]:
+    """The addresses of ``names`` (any symbol type) in a System.map, by name: one pass,
+    stopping when all are found; a name the map lacks is absent from the answer."""
+    wanted, found = set(names), {}
+    with open(system_map, errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] in wanted and parts[2] not in found:
+                try:
+                    found[parts[2]] = int(parts[0], 16)
+                except ValueError:
+                    continue
+                if len(found) == len(wanted):
+                    break
+    return found

@@ -32,6 +32,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmm.loader.symbols import addresses_of
+
 # struct pt_regs offsets (arch/x86/include/asm/ptrace.h)
 R11, RAX, RCX, ORIG_AX, RIP, CS, EFLAGS, SS = 48, 80, 88, 120, 128, 136, 144, 160
 USER_CS, USER_SS = 0x33, 0x2B
@@ -107,16 +109,6 @@ class Fixup:
     call_site: int
 
 
-def symbol_addresses(system_map: Path, names=SYMBOLS) -> dict[str, int]:
-    found: dict[str, int] = {}
-    with open(system_map) as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3 and parts[2] in names and parts[2] not in found:
-                found[parts[2]] = int(parts[0], 16)
-    return found
-
-
 class NotApplicable(Exception):
     """The kernel is not shaped as the fix-up expects: leave it alone (the message says why)."""
 
@@ -124,7 +116,7 @@ class NotApplicable(Exception):
 def install(memory, segments, system_map: Path) -> Fixup:
     """Write the stub and redirect the call, in guest RAM holding a loaded vmlinux whose
     ELF ``segments`` (vaddr, paddr, memsz) are given."""
-    symbols = symbol_addresses(system_map)
+    symbols = addresses_of(system_map, SYMBOLS)
     missing = [name for name in SYMBOLS if name not in symbols]
     if missing:
         raise NotApplicable(f"no {', '.join(missing)} in its symbols")
